@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity, DotProductSimilarity, LpDistance
 from pytorch_metric_learning.losses import NTXentLoss
+from pytorch_metric_learning.reducers import PerAnchorReducer
 
 from . import _distributed
 from ._validation import Spec
@@ -234,15 +235,26 @@ def reduce(loss_fn: NTXentLoss, losses: torch.Tensor, anchors: torch.Tensor, k: 
     n = anchors.shape[0]
     dev = anchors.device
     a1 = torch.arange(n, device=dev).repeat_interleave(k)
+    p = torch.arange(n * k, device=dev)  # the positive's row in ref_emb
+    if k > 1 and _has_per_anchor(loss_fn.reducer):
+        # PerAnchorReducer scatters pair losses into an N x N matrix sized from the anchors, not from ref_emb
+        # (plain PML raises IndexError there): give it each positive's rank within its anchor instead.
+        if k > n:
+            raise ValueError(f"PerAnchorReducer needs K <= N positives per anchor; got K={k}, N={n}")
+        p = p % k
     loss_dict = {
         "loss": {
             "losses": losses,
-            "indices": (a1, torch.arange(n * k, device=dev)),
+            "indices": (a1, p),
             "reduction_type": "pos_pair",
         }
     }
     loss_fn.add_embedding_regularization_to_loss_dict(loss_dict, anchors)
     return loss_fn.reducer(loss_dict, anchors, None)
+
+
+def _has_per_anchor(reducer: torch.nn.Module) -> bool:
+    return any(isinstance(r, PerAnchorReducer) for r in reducer.modules())
 
 
 def _build_pool(

@@ -1,0 +1,325 @@
+"""Issue 5: ``gather_across_devices`` under a real 2-process gloo group, against one process holding the whole batch.
+
+All distributed cases run in ONE spawned pair of processes (a module-scoped fixture), so the suite pays the spawn
+and the rendezvous once. The parent builds each global batch (fixed seed), hands every rank its rows through files,
+and compares what the ranks return with ``pt.infonce(..., in_batch=True)`` on the concatenated batch and with the
+loop-by-loop formula of ``formula.py``.
+
+Each rank backpropagates ``loss_r * N_r * W / N_total`` (just ``loss_r`` when the ranks hold equal N), so that
+``Σ_r N_r loss_r / N_total`` is the global loss and the gradients divided by W -- what DDP's averaging does -- are
+the global gradients.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from formula import infonce_loop
+
+import pml_triplets as pt
+
+F64 = torch.float64
+WORLD = 2
+JOIN_TIMEOUT_S = 120.0  # the whole spawned run; it takes a few seconds
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---------------------------------------------------------------- the global batches
+
+
+def make_case(
+    sizes: tuple[int, ...],
+    *,
+    k: int = 1,
+    m: int = 3,
+    d: int = 5,
+    masked: bool = False,
+    ids: bool = False,
+    tau: float = 0.1,
+    learn_tau: bool = False,
+    engine: str = "auto",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """A global batch of sum(sizes) rows (fixed seed) and the call's options; rank r holds rows sizes[:r]..."""
+    g = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    data: dict[str, torch.Tensor] = {
+        "anchors": torch.randn(n, d, generator=g, dtype=F64),
+        "positives": torch.randn(*((n, d) if k == 1 else (n, k, d)), generator=g, dtype=F64),
+    }
+    if m:
+        data["negatives"] = torch.randn(n, m, d, generator=g, dtype=F64)
+    if masked:
+        mask = torch.rand(n, m, generator=g) < 0.7
+        mask[0] = False  # a row with every negative masked
+        data["negatives_mask"] = mask
+    if ids:
+        # Few distinct ids, so many candidates (also on the other rank) share an id with some anchor's positive.
+        data["positive_ids"] = torch.randint(0, 6, (n,) if k == 1 else (n, k), generator=g)
+        if m:
+            data["negative_ids"] = torch.randint(0, 6, (n, m), generator=g)
+    return {"sizes": sizes, "data": data, "tau": tau, "learn_tau": learn_tau, "engine": engine}
+
+
+CASES: dict[str, dict[str, Any]] = {
+    "plain": make_case((4, 4), seed=1),
+    "mask_ids_k2": make_case((4, 4), k=2, masked=True, ids=True, tau=0.2, learn_tau=True, seed=2),
+    "unequal_5_3": make_case((5, 3), m=2, masked=True, ids=True, tau=0.15, learn_tau=True, seed=3),
+    # rank 0 is the one padded here; no per-anchor negatives at all; the quadratic PML engine.
+    "unequal_2_5_pml": make_case((2, 5), k=2, m=0, ids=True, tau=0.3, engine="pml", seed=4),
+}
+GRAD_NAMES = ("anchors", "positives", "negatives")
+
+
+def call(data: dict[str, torch.Tensor], case: dict[str, Any], tau: Any, **kw: Any) -> torch.Tensor:
+    return pt.infonce(
+        data["anchors"],
+        data["positives"],
+        data.get("negatives"),
+        temperature=tau,
+        negatives_mask=data.get("negatives_mask"),
+        positive_ids=data.get("positive_ids"),
+        negative_ids=data.get("negative_ids"),
+        in_batch=True,
+        engine=case["engine"],
+        **kw,
+    )
+
+
+def leaves(data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {
+        key: v.detach().clone().requires_grad_(key in GRAD_NAMES) if v.is_floating_point() else v.clone()
+        for key, v in data.items()
+    }
+
+
+def temperature(case: dict[str, Any]) -> float | torch.Tensor:
+    return torch.tensor(case["tau"], dtype=F64, requires_grad=True) if case["learn_tau"] else case["tau"]
+
+
+def global_result(case: dict[str, Any]) -> dict[str, Any]:
+    """One process, the concatenated batch, ``in_batch=True``, no gathering: value and gradients."""
+    data = leaves(case["data"])
+    tau = temperature(case)
+    loss = call(data, case, tau)
+    loss.backward()
+    grads = {key: data[key].grad for key in GRAD_NAMES if key in data}
+    if isinstance(tau, torch.Tensor):
+        grads["tau"] = tau.grad
+    return {"loss": loss.detach(), "grads": grads}
+
+
+def rank_rows(case: dict[str, Any], rank: int) -> slice:
+    start = sum(case["sizes"][:rank])
+    return slice(start, start + case["sizes"][rank])
+
+
+# ---------------------------------------------------------------- the spawned ranks
+
+
+def _worker(rank: int, world: int, init_method: str, workdir: str) -> None:
+    """One rank: every case, gathered, backpropagated with weight N_r * W / N_total; results to rank{r}.pt."""
+    work = Path(workdir)
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group(
+            "gloo", init_method=init_method, rank=rank, world_size=world, timeout=timedelta(seconds=60)
+        )
+        cases = torch.load(work / "cases.pt", weights_only=True)
+        out: dict[str, Any] = {}
+        for name, case in cases.items():
+            data = leaves({key: v[rank_rows(case, rank)] for key, v in case["data"].items()})
+            tau = temperature(case)
+            loss = call(data, case, tau, gather_across_devices=True)
+            weight = case["sizes"][rank] * world / sum(case["sizes"])
+            (loss * weight).backward()
+            grads = {key: data[key].grad for key in GRAD_NAMES if key in data}
+            if isinstance(tau, torch.Tensor):
+                grads["tau"] = tau.grad
+            out[name] = {"loss": loss.detach(), "grads": grads}
+        torch.save(out, work / f"rank{rank}.pt")
+        dist.destroy_process_group()
+    except BaseException:
+        (work / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+def run_ranks(workdir: Path, world: int = WORLD, timeout: float = JOIN_TIMEOUT_S) -> list[dict[str, Any]]:
+    """Spawn ``world`` gloo ranks on 127.0.0.1, wait at most ``timeout`` seconds (then kill), return their results."""
+    torch.save(CASES, workdir / "cases.pt")
+    init = f"tcp://127.0.0.1:{free_port()}"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(r, world, init, str(workdir)), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for r in hung:
+        procs[r].kill()
+        procs[r].join(5)
+    errors = "\n".join(f.read_text() for f in sorted(workdir.glob("rank*.err")))
+    if hung:
+        pytest.fail(f"ranks {hung} still running after {timeout:.0f} s, killed\n{errors}")
+    codes = [p.exitcode for p in procs]
+    if errors or any(codes):
+        pytest.fail(f"ranks failed, exit codes {codes}\n{errors}")
+    return [torch.load(workdir / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return run_ranks(tmp_path_factory.mktemp("ddp"))
+
+
+# ---------------------------------------------------------------- the checks
+
+
+def close(x: torch.Tensor, y: torch.Tensor) -> None:
+    torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_gathered_loss_is_the_global_loss(ranks: list[dict[str, Any]], name: str) -> None:
+    case = CASES[name]
+    sizes = case["sizes"]
+    losses = [ranks[r][name]["loss"] for r in range(WORLD)]
+    want = global_result(case)["loss"]
+    # Each rank's loss is the mean over its own anchors: weighting by N_r gives the mean over all anchors.
+    close(sum(n * v for n, v in zip(sizes, losses)) / sum(sizes), want)
+    if len(set(sizes)) == 1:
+        close(torch.stack(losses).mean(), want)  # equal N: the plain mean DDP users log
+    # And the global value is the formula's, written independently of the package.
+    data = case["data"]
+    loop = infonce_loop(
+        data["anchors"],
+        data["positives"],
+        data.get("negatives"),
+        case["tau"],
+        mask=data.get("negatives_mask"),
+        in_batch=True,
+        pos_ids=data.get("positive_ids"),
+        neg_ids=data.get("negative_ids"),
+    )
+    close(want, loop)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_gathered_gradients_are_the_global_gradients(ranks: list[dict[str, Any]], name: str) -> None:
+    case = CASES[name]
+    want = global_result(case)["grads"]
+    for key in GRAD_NAMES:
+        if key not in want:
+            continue
+        for r in range(WORLD):
+            # Gradients reach every rank's rows from every rank's loss (the backward's all_reduce); DDP divides by W.
+            close(ranks[r][name]["grads"][key] / WORLD, want[key][rank_rows(case, r)])
+    if "tau" in want:  # a local leaf on each rank: DDP would average it, i.e. sum / W
+        close(sum(ranks[r][name]["grads"]["tau"] for r in range(WORLD)) / WORLD, want["tau"])
+
+
+def test_the_cases_exercise_the_gathering(ranks: list[dict[str, Any]]) -> None:
+    # Guards against checks that would pass without any gathering: each rank's local in-batch loss must differ
+    # from its gathered one, and in the id cases ids must exclude candidates, some of them on the other rank.
+    for name, case in CASES.items():
+        data = case["data"]
+        for r in range(WORLD):
+            local = call({key: v[rank_rows(case, r)] for key, v in data.items()}, case, case["tau"])
+            assert not torch.isclose(local, ranks[r][name]["loss"]), (name, r)
+        if "positive_ids" in data:
+            no_ids = {key: v for key, v in data.items() if not key.endswith("_ids")}
+            assert not torch.isclose(call(no_ids, case, case["tau"]), call(data, case, case["tau"])), name
+            own = set(data["positive_ids"][rank_rows(case, 0)].reshape(-1).tolist())
+            other = data["positive_ids"][rank_rows(case, 1)].reshape(-1).tolist()
+            assert own & set(other), f"{name}: no positive id shared across the ranks"
+
+
+# ---------------------------------------------------------------- one process
+
+
+@pytest.mark.parametrize("name", ["plain", "mask_ids_k2"])
+def test_without_process_group_gathering_changes_nothing(name: str) -> None:
+    assert not dist.is_initialized()
+    case = CASES[name]
+    with_gather = call(case["data"], case, case["tau"], gather_across_devices=True)
+    assert with_gather.item() == call(case["data"], case, case["tau"]).item()
+
+
+def test_world_size_one_group_changes_nothing() -> None:
+    case = CASES["mask_ids_k2"]
+    want = global_result(case)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        data = leaves(case["data"])
+        tau = temperature(case)
+        loss = call(data, case, tau, gather_across_devices=True)
+        loss.backward()
+    finally:
+        dist.destroy_process_group()
+    assert loss.item() == want["loss"].item()
+    got = {key: data[key].grad for key in GRAD_NAMES}
+    got["tau"] = tau.grad  # type: ignore[union-attr]
+    assert got.keys() == want["grads"].keys()
+    for key, grad in got.items():
+        torch.testing.assert_close(grad, want["grads"][key], rtol=0, atol=0)
+
+
+def test_gathering_needs_in_batch() -> None:
+    a, p, n = (CASES["plain"]["data"][key] for key in GRAD_NAMES)
+    with pytest.raises(ValueError, match=r"`gather_across_devices=True` needs `in_batch=True`"):
+        pt.infonce(a, p, n, gather_across_devices=True)
+    with pytest.raises(ValueError, match=r"`gather_across_devices=True` needs `in_batch=True`"):
+        pt.InfoNCE(gather_across_devices=True)
+    with pytest.raises(TypeError, match=r"`gather_across_devices` must be a bool; got int"):
+        pt.infonce(a, p, n, in_batch=True, gather_across_devices=1)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- the example, under torchrun
+
+
+def test_ddp_example_runs_under_torchrun() -> None:
+    steps = 6
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",  # what the `torchrun` script runs
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        str(ROOT / "examples" / "ddp_train.py"),
+        f"--steps={steps}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    except subprocess.TimeoutExpired as e:  # run() has killed torchrun by now
+        pytest.fail(f"torchrun still running after 120 s, killed\n{e.stdout!r}\n{e.stderr!r}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    # Rank 0 alone prints, once per step, the loss averaged over the ranks.
+    assert [line.split()[1] for line in lines] == [f"{s}/{steps}" for s in range(1, steps + 1)], proc.stdout
+    values = [float(line.split()[-1]) for line in lines]
+    assert all(v > 0 and v == v for v in values), values
+    assert values[-1] < values[0], values  # it trains

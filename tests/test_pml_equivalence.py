@@ -1,0 +1,150 @@
+"""A configured NTXentLoss gives through pml_triplets exactly what plain PML gives on the same pairs.
+
+"Plain PML" here is ``loss_fn(anchors, indices_tuple=(a1, p, a2, n), ref_emb=cat([positives, negatives]))`` with
+the pairs built by hand in this file. Both engines and several chunk sizes must agree with it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from formula import infonce_loop
+from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity, LpDistance, SNRDistance
+from pytorch_metric_learning.losses import NTXentLoss
+from pytorch_metric_learning.reducers import (
+    AvgNonZeroReducer,
+    MeanReducer,
+    PerAnchorReducer,
+    SumReducer,
+    ThresholdReducer,
+)
+from pytorch_metric_learning.regularizers import LpRegularizer, ZeroMeanRegularizer
+
+import pml_triplets as pt
+
+F64 = torch.float64
+
+
+def data(n: int = 6, k: int = 1, m: int = 4, d: int = 5, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    pos = (n, d) if k == 1 else (n, k, d)
+    return tuple(torch.randn(*s, generator=g, dtype=F64) for s in ((n, d), pos, (n, m, d)))
+
+
+def plain_pml(fn: NTXentLoss, a: torch.Tensor, p: torch.Tensor, neg: torch.Tensor, mask=None) -> torch.Tensor:
+    """The issue's layout, by hand: embeddings = anchors, ref_emb = [positives; negatives], 4-tuple of pairs."""
+    n, m, d = neg.shape
+    p3 = p.reshape(n, -1, d)
+    k = p3.shape[1]
+    ref = torch.cat([p3.reshape(n * k, d), neg.reshape(n * m, d)])
+    a1 = torch.arange(n).repeat_interleave(k)
+    pp = torch.arange(n * k)
+    keep = torch.ones(n, m, dtype=torch.bool) if mask is None else mask
+    a2, j = keep.nonzero(as_tuple=True)
+    return fn(a, indices_tuple=(a1, pp, a2, n * k + a2 * m + j), ref_emb=ref)
+
+
+CONFIGS = [
+    pytest.param(lambda: NTXentLoss(temperature=0.1), id="default-cosine"),
+    pytest.param(lambda: NTXentLoss(0.5, distance=DotProductSimilarity(normalize_embeddings=False)), id="dot-raw"),
+    pytest.param(lambda: NTXentLoss(0.3, distance=DotProductSimilarity()), id="dot-normalized"),
+    pytest.param(lambda: NTXentLoss(0.7, distance=LpDistance()), id="lp"),
+    pytest.param(lambda: NTXentLoss(0.7, distance=LpDistance(normalize_embeddings=False, p=1)), id="l1-raw"),
+    pytest.param(lambda: NTXentLoss(0.4, distance=LpDistance(power=2)), id="lp-squared"),
+    pytest.param(lambda: NTXentLoss(0.9, distance=SNRDistance()), id="snr-pml-engine-only"),
+    pytest.param(lambda: NTXentLoss(0.2, reducer=AvgNonZeroReducer()), id="avg-nonzero"),
+    pytest.param(lambda: NTXentLoss(0.2, reducer=ThresholdReducer(low=2.5)), id="threshold"),
+    pytest.param(lambda: NTXentLoss(0.2, reducer=SumReducer()), id="sum"),
+    pytest.param(lambda: NTXentLoss(0.2, reducer=PerAnchorReducer()), id="per-anchor"),
+    pytest.param(lambda: NTXentLoss(0.2, embedding_regularizer=LpRegularizer()), id="lp-regularizer"),
+    pytest.param(
+        lambda: NTXentLoss(0.2, embedding_regularizer=ZeroMeanRegularizer(), embedding_reg_weight=0.3,
+                           reducer=ThresholdReducer(high=4.0)),
+        id="regularizer+threshold",
+    ),
+    pytest.param(lambda: NTXentLoss(torch.tensor(0.25, dtype=F64)), id="tensor-temperature"),
+]
+
+
+@pytest.mark.parametrize("make", CONFIGS)
+@pytest.mark.parametrize("engine", ["auto", "pml"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_configured_instance_equals_plain_pml(make, engine: str, k: int) -> None:
+    a, p, neg = (x.requires_grad_() for x in data(k=k, seed=k))
+    mask = torch.rand(6, 4, generator=torch.Generator().manual_seed(1)) > 0.3
+    if k > 1 and isinstance(make().reducer, PerAnchorReducer):
+        # plain PML raises IndexError here (test_per_anchor_reducer_with_k_positives); with K pairs for every
+        # anchor, the mean of per-anchor means is the plain mean over pairs
+        want = infonce_loop(a, p, neg, 0.2, mask=mask)
+    else:
+        want = plain_pml(make(), a, p, neg, mask)
+    (g_want,) = torch.autograd.grad(want, a)
+    got = pt.infonce(a, p, neg, loss_fn=make(), negatives_mask=mask, engine=engine, chunk_size=4)
+    (g_got,) = torch.autograd.grad(got, a)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-8, atol=1e-10)
+
+
+def test_auto_engine_choice() -> None:
+    from pml_triplets._engine import uses_dense
+
+    assert uses_dense(NTXentLoss(), "auto")
+    assert uses_dense(NTXentLoss(distance=LpDistance()), "auto")
+    assert not uses_dense(NTXentLoss(distance=SNRDistance()), "auto")
+
+    class Custom(NTXentLoss):
+        def _compute_loss(self, *args):  # type: ignore[no-untyped-def]
+            return super()._compute_loss(*args)
+
+    assert not uses_dense(Custom(), "auto")
+    assert uses_dense(Custom(), "dense") and not uses_dense(NTXentLoss(), "pml")
+
+
+def test_subclass_goes_through_pml() -> None:
+    class Doubled(NTXentLoss):
+        def _compute_loss(self, pos_pairs, neg_pairs, indices_tuple):  # type: ignore[no-untyped-def]
+            out = super()._compute_loss(pos_pairs, neg_pairs, indices_tuple)
+            out["loss"]["losses"] = 2 * out["loss"]["losses"]
+            return out
+
+    a, p, neg = data()
+    assert pt.infonce(a, p, neg, loss_fn=Doubled()).item() == pytest.approx(
+        2 * infonce_loop(a, p, neg, 0.07).item(), rel=1e-10
+    )
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 6, 100])
+def test_engines_agree_in_batch_combined(chunk: int) -> None:
+    # the dense engine and NTXentLoss on the same pairs, with every option at once
+    a, p, neg = data(n=6, k=2, m=3, seed=4)
+    g = torch.Generator().manual_seed(2)
+    kw = dict(
+        negatives_mask=torch.rand(6, 3, generator=g) > 0.3,
+        shared_negatives=torch.randn(4, 5, generator=g, dtype=F64),
+        in_batch=True,
+        positive_ids=torch.randint(0, 6, (6, 2), generator=g),
+        negative_ids=torch.randint(0, 6, (6, 3), generator=g),
+        chunk_size=chunk,
+    )
+    fn = NTXentLoss(0.3, reducer=PerAnchorReducer())
+    dense = pt.infonce(a, p, neg, loss_fn=copy.deepcopy(fn), engine="dense", **kw)
+    pml = pt.infonce(a, p, neg, loss_fn=copy.deepcopy(fn), engine="pml", **kw)
+    torch.testing.assert_close(dense, pml, rtol=1e-12, atol=1e-12)
+
+
+def test_result_does_not_depend_on_chunk_size() -> None:
+    a, p, neg = data(n=11, m=5, seed=9)
+    values = {c: pt.infonce(a, p, neg, chunk_size=c, in_batch=True).item() for c in (1, 3, 4, 11, None)}
+    assert max(values.values()) - min(values.values()) < 1e-12, values
+
+
+def test_per_anchor_reducer_with_k_positives() -> None:
+    a, p, neg = data(k=3, seed=3)
+    with pytest.raises(IndexError):  # PML sizes PerAnchorReducer's buffer from len(embeddings)
+        plain_pml(NTXentLoss(0.2, reducer=PerAnchorReducer()), a, p, neg)
+    # every anchor has K pairs, so the mean of per-anchor means is the plain mean over pairs
+    for engine in ("dense", "pml"):
+        got = pt.infonce(a, p, neg, loss_fn=NTXentLoss(0.2, reducer=PerAnchorReducer()), engine=engine)
+        assert got.item() == pytest.approx(infonce_loop(a, p, neg, 0.2).item(), rel=1e-10)

@@ -31,7 +31,11 @@ __all__: list[str] = []  # private module
 
 Engine = Literal["auto", "dense", "pml"]
 ENGINES = ("auto", "dense", "pml")
-_DENSE_DISTANCES = (CosineSimilarity, DotProductSimilarity, LpDistance)  # their compute_mat broadcasts over batches
+_DENSE_DISTANCES = (
+    CosineSimilarity,
+    DotProductSimilarity,
+    LpDistance,
+)  # their compute_mat broadcasts over batches
 _BUDGET = {"cpu": 1 << 23, "cuda": 1 << 26}  # elements of the largest per-chunk intermediate
 
 
@@ -275,9 +279,9 @@ def _build_pool(
         nid = torch.zeros(n, m, dtype=pid.dtype, device=dev)
     offset, total = 0, n
     if gather and _distributed.world()[1] > 1:
-        (p, neg, mask, pid, nid, has_pid, has_nid), offset, total = _distributed.gather_rows(
-            [p, neg, mask, pid, nid, has_pid, has_nid], n
-        )
+        gathered, offset, total = _distributed.gather_rows([p, neg, mask, pid, nid, has_pid, has_nid], n)
+        p = gathered[0] if gathered[0] is not None else p
+        neg, mask, pid, nid, has_pid, has_nid = gathered[1:]
     owners = torch.arange(total, device=dev)
     emb = [p.reshape(-1, d)]  # (total*K, d)
     owner = [owners.repeat_interleave(k)]

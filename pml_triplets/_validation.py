@@ -163,7 +163,9 @@ def check_inputs(
 
     if positive_ids is not None or negative_ids is not None:
         if positive_ids is None:
-            raise ValueError("`negative_ids` needs `positive_ids`: ids only exclude candidates that share a positive's id")
+            raise ValueError(
+                "`negative_ids` needs `positive_ids`: ids only exclude candidates that share a positive's id"
+            )
         pid = _tensor("positive_ids", positive_ids)
         expected = (n,) if (p.ndim == 2 and pid.ndim == 1) else (n, k)
         pid = _ids("positive_ids", pid, expected, "[N]" if len(expected) == 1 else "[N, K]")
@@ -175,8 +177,8 @@ def check_inputs(
             raise ValueError(
                 "`positive_ids` has no effect without `negative_ids` or `in_batch=True`: nothing to compare it with"
             )
-        for name, t in (("positive_ids", positive_ids), ("negative_ids", negative_ids)):
-            if isinstance(t, torch.Tensor) and t.device != a.device:
-                raise ValueError(f"`{name}` is on {t.device} but `anchors` is on {a.device}")
+        for name, ids in (("positive_ids", positive_ids), ("negative_ids", negative_ids)):
+            if isinstance(ids, torch.Tensor) and ids.device != a.device:
+                raise ValueError(f"`{name}` is on {ids.device} but `anchors` is on {a.device}")
 
     return Spec(n=n, k=k, m=m, s=s, d=d, dtype=a.dtype, device=a.device)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from pytorch_metric_learning.losses import NTXentLoss
@@ -38,11 +40,11 @@ def run_checks(n: int = 16, m: int = 8, d: int = 32, seed: int = 0) -> list[dict
         for dtype in _cases(device):
             a, p, neg = (x.to(device=device, dtype=dtype) for x in base)
             ref = float(reference_infonce(a.double(), p.double(), neg.double()))
-            methods = {
-                "infonce": lambda a=a, p=p, neg=neg: infonce(a, p, neg),
-                "infonce[pml]": lambda a=a, p=p, neg=neg: infonce(a, p, neg, engine="pml"),
-                "NTXentLoss+build_indices": lambda a=a, p=p, neg=neg: NTXentLoss()(
-                    concat_embeddings(a, p, neg), indices_tuple=build_indices(n, m, device=device)
+            methods: dict[str, Callable[[], torch.Tensor]] = {
+                "infonce": partial(infonce, a, p, neg),
+                "infonce[pml]": partial(infonce, a, p, neg, engine="pml"),
+                "NTXentLoss+build_indices": partial(
+                    NTXentLoss(), concat_embeddings(a, p, neg), indices_tuple=build_indices(n, m, device=device)
                 ),
             }
             for name, fn in methods.items():
@@ -50,8 +52,15 @@ def run_checks(n: int = 16, m: int = 8, d: int = 32, seed: int = 0) -> list[dict
                 diff = abs(value - ref)
                 ok = math.isfinite(value) and diff <= TOLERANCE[dtype] * max(1.0, abs(ref))
                 rows.append(
-                    {"device": device, "dtype": str(dtype).removeprefix("torch."), "method": name,
-                     "value": value, "reference": ref, "diff": diff, "pass": ok}
+                    {
+                        "device": device,
+                        "dtype": str(dtype).removeprefix("torch."),
+                        "method": name,
+                        "value": value,
+                        "reference": ref,
+                        "diff": diff,
+                        "pass": ok,
+                    }
                 )
     return rows
 

@@ -241,7 +241,7 @@ class InfoNCE(nn.Module):
         """The temperature in use: ``exp(log_temperature)`` when learnable."""
         if self.log_temperature is not None:
             return self.log_temperature.exp()
-        return self.loss_fn.temperature  # type: ignore[no-any-return]
+        return self.loss_fn.temperature
 
     def forward(
         self,
@@ -274,5 +274,5 @@ class InfoNCE(nn.Module):
 
     def extra_repr(self) -> str:
         learn = ", learnable" if self.log_temperature is not None else ""
-        tau = float(self.temperature)
+        tau = float(torch.as_tensor(self.temperature).detach())
         return f"temperature={tau:.4g}{learn}, in_batch={self.in_batch}, engine={self.engine!r}"

@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from conftest import TOL
 from formula import infonce_loop
 from pytorch_metric_learning.losses import NTXentLoss
 
 import pml_triplets as pt
-from conftest import TOL
 
 F64 = torch.float64
 

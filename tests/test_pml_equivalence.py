@@ -11,11 +11,10 @@ import copy
 import pytest
 import torch
 from formula import infonce_loop
-from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity, LpDistance, SNRDistance
+from pytorch_metric_learning.distances import DotProductSimilarity, LpDistance, SNRDistance
 from pytorch_metric_learning.losses import NTXentLoss
 from pytorch_metric_learning.reducers import (
     AvgNonZeroReducer,
-    MeanReducer,
     PerAnchorReducer,
     SumReducer,
     ThresholdReducer,
@@ -60,8 +59,12 @@ CONFIGS = [
     pytest.param(lambda: NTXentLoss(0.2, reducer=PerAnchorReducer()), id="per-anchor"),
     pytest.param(lambda: NTXentLoss(0.2, embedding_regularizer=LpRegularizer()), id="lp-regularizer"),
     pytest.param(
-        lambda: NTXentLoss(0.2, embedding_regularizer=ZeroMeanRegularizer(), embedding_reg_weight=0.3,
-                           reducer=ThresholdReducer(high=4.0)),
+        lambda: NTXentLoss(
+            0.2,
+            embedding_regularizer=ZeroMeanRegularizer(),
+            embedding_reg_weight=0.3,
+            reducer=ThresholdReducer(high=4.0),
+        ),
         id="regularizer+threshold",
     ),
     pytest.param(lambda: NTXentLoss(torch.tensor(0.25, dtype=F64)), id="tensor-temperature"),

@@ -1,0 +1,237 @@
+"""Issue 3: masks, K positives, shared and in-batch negatives, ids, tensor and learnable temperatures."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import TOL
+from formula import infonce_loop
+
+import pml_triplets as pt
+
+F64 = torch.float64
+ENGINES = [pytest.param("dense", id="dense"), pytest.param("pml", id="pml")]
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def batch(n: int = 5, k: int = 1, m: int = 4, d: int = 6, s: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = gen(seed)
+    return {
+        "anchors": torch.randn(n, d, generator=g, dtype=F64),
+        "positives": torch.randn(*((n, d) if k == 1 else (n, k, d)), generator=g, dtype=F64),
+        "negatives": torch.randn(n, m, d, generator=g, dtype=F64),
+        "mask": torch.rand(n, m, generator=g) > 0.35,
+        "shared": torch.randn(s, d, generator=g, dtype=F64),
+        # few distinct ids, so that clashes happen
+        "pos_ids": torch.randint(0, 4, (n,) if k == 1 else (n, k), generator=g),
+        "neg_ids": torch.randint(0, 4, (n, m), generator=g),
+    }
+
+
+# each option alone and combined: (infonce kwargs, formula kwargs), built from a batch
+def options(b: dict[str, torch.Tensor], which: str) -> tuple[dict, dict]:
+    table = {
+        "mask": ({"negatives_mask": b["mask"]}, {"mask": b["mask"]}),
+        "shared": ({"shared_negatives": b["shared"]}, {"shared": b["shared"]}),
+        "in_batch": ({"in_batch": True}, {"in_batch": True}),
+        "ids": (
+            {"positive_ids": b["pos_ids"], "negative_ids": b["neg_ids"]},
+            {"pos_ids": b["pos_ids"], "neg_ids": b["neg_ids"]},
+        ),
+    }
+    ours: dict = {}
+    ref: dict = {}
+    for name in which.split("+"):
+        if name in table:
+            ours.update(table[name][0])
+            ref.update(table[name][1])
+    return ours, ref
+
+
+CASES = [
+    "plain",
+    "mask",
+    "shared",
+    "in_batch",
+    "ids",
+    "in_batch+ids",
+    "mask+in_batch+ids",
+    "mask+shared+in_batch+ids",
+]
+
+
+@pytest.mark.parametrize("which", CASES)
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_option_matches_formula(which: str, k: int, engine: str) -> None:
+    b = batch(k=k, seed=len(which) + k)
+    ours, ref = options(b, which)
+    got = pt.infonce(b["anchors"], b["positives"], b["negatives"], temperature=0.2, engine=engine, **ours)
+    want = infonce_loop(b["anchors"], b["positives"], b["negatives"], 0.2, **ref)
+    assert got.item() == pytest.approx(want.item(), rel=1e-10, abs=1e-12)
+
+
+@pytest.mark.parametrize("which", ["mask+in_batch+ids", "mask+shared+in_batch+ids"])
+def test_option_gradients_match_formula(which: str) -> None:
+    b = batch(k=2, seed=3)
+    ours, ref = options(b, which)
+    leaves = [b[key].clone().requires_grad_() for key in ("anchors", "positives", "negatives")]
+    pt.infonce(*leaves, temperature=0.2, **ours).backward()
+    copies = [b[key].clone().requires_grad_() for key in ("anchors", "positives", "negatives")]
+    infonce_loop(*copies, 0.2, **ref).backward()
+    for got, want in zip(leaves, copies):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("which", ["mask+in_batch+ids", "shared+in_batch"])
+def test_options_on_device_and_dtype(which: str, device: str, dtype: torch.dtype) -> None:
+    b = {key: v.to(device) for key, v in batch(k=2, seed=8).items()}
+    b.update({key: b[key].to(dtype) for key in ("anchors", "positives", "negatives", "shared")})
+    ours, ref = options(b, which)
+    got = pt.infonce(b["anchors"], b["positives"], b["negatives"], temperature=0.2, **ours)
+    ref = {key: v.cpu() for key, v in ref.items() if isinstance(v, torch.Tensor)} | (
+        {"in_batch": True} if "in_batch" in which else {}
+    )
+    want = infonce_loop(b["anchors"].cpu(), b["positives"].cpu(), b["negatives"].cpu(), 0.2, **ref)
+    rtol, atol = TOL[dtype]
+    assert got.dtype == dtype and got.device.type == device
+    torch.testing.assert_close(got.double().cpu(), want, rtol=rtol, atol=atol)
+
+
+def test_negatives_none_with_shared_or_in_batch() -> None:
+    b = batch(seed=4)
+    a, p, sh = b["anchors"], b["positives"], b["shared"]
+    got = pt.infonce(a, p, None, shared_negatives=sh, temperature=0.3)
+    assert got.item() == pytest.approx(infonce_loop(a, p, None, 0.3, shared=sh).item(), rel=1e-12)
+    got = pt.infonce(a, p, in_batch=True, temperature=0.3)
+    assert got.item() == pytest.approx(infonce_loop(a, p, None, 0.3, in_batch=True).item(), rel=1e-12)
+
+
+def test_in_batch_closed_form() -> None:
+    # a_i = p_i = e_i, no per-anchor negatives: anchor 0's only candidate is p_1 = e1 (cos 0)
+    #   => each anchor: log(1 + e^{-1/τ})
+    e = torch.eye(2, dtype=F64)
+    got = pt.infonce(e, e, in_batch=True, temperature=0.25)
+    assert got.item() == pytest.approx(math.log1p(math.exp(-4.0)), rel=1e-12)
+
+
+def test_anchor_without_negatives_counts_as_zero() -> None:
+    # anchor 0 has every negative masked: its term is 0 and it still counts in the mean (denominator 2)
+    e = torch.eye(4, dtype=F64)
+    a = e[:2]
+    neg = torch.stack([e[2:], e[2:]])  # (2, 2, 4)
+    mask = torch.tensor([[False, False], [True, True]])
+    for engine in ("dense", "pml"):
+        got = pt.infonce(a, a, neg, negatives_mask=mask, temperature=0.5, engine=engine)
+        assert got.item() == pytest.approx((0 + math.log1p(2 * math.exp(-2.0))) / 2, rel=1e-12)
+
+
+# ---------------------------------------------------------------- invariants
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_masking_equals_dropping(engine: str) -> None:
+    b = batch(n=1, m=6, seed=5)
+    mask = torch.tensor([[True, False, True, True, False, True]])
+    masked = pt.infonce(b["anchors"], b["positives"], b["negatives"], negatives_mask=mask, engine=engine)
+    dropped = pt.infonce(b["anchors"], b["positives"], b["negatives"][:, mask[0]], engine=engine)
+    assert masked.item() == pytest.approx(dropped.item(), rel=1e-13)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("garbage", [1e30, float("inf"), float("nan")], ids=["huge", "inf", "nan"])
+def test_garbage_in_masked_rows_changes_nothing(engine: str, garbage: float) -> None:
+    b = batch(k=2, seed=6)
+    mask = b["mask"]
+    dirty = b["negatives"].clone()
+    dirty[~mask] = garbage
+    results = []
+    for negs in (b["negatives"], dirty):
+        leaves = [b["anchors"].clone().requires_grad_(), b["positives"].clone().requires_grad_()]
+        neg = negs.clone().requires_grad_()
+        loss = pt.infonce(*leaves, neg, negatives_mask=mask, in_batch=True, engine=engine)
+        loss.backward()
+        results.append((loss.detach(), *[x.grad for x in leaves], neg.grad))
+    for clean, dirt in zip(*results):
+        assert torch.isfinite(dirt).all()
+        torch.testing.assert_close(dirt, clean, rtol=0, atol=0)
+    assert (results[1][3][~mask] == 0).all()  # no gradient reaches a masked row
+
+
+def test_permuting_negatives_changes_nothing() -> None:
+    b = batch(m=7, seed=7)
+    perm = torch.stack([torch.randperm(7, generator=gen(i)) for i in range(5)])  # a different order per anchor
+    negs = torch.gather(b["negatives"], 1, perm[..., None].expand(-1, -1, 6))
+    mask = torch.gather(b["mask"], 1, perm)
+    one = pt.infonce(b["anchors"], b["positives"], b["negatives"], negatives_mask=b["mask"], in_batch=True)
+    two = pt.infonce(b["anchors"], b["positives"], negs, negatives_mask=mask, in_batch=True)
+    assert one.item() == pytest.approx(two.item(), rel=1e-13)
+
+
+def test_permuting_batch_rows_changes_nothing_in_batch() -> None:
+    b = batch(k=2, seed=9)
+    perm = torch.randperm(5, generator=gen(1))
+    kw = lambda idx: dict(  # noqa: E731
+        negatives_mask=b["mask"][idx],
+        positive_ids=b["pos_ids"][idx],
+        negative_ids=b["neg_ids"][idx],
+        in_batch=True,
+    )
+    ident = torch.arange(5)
+    one = pt.infonce(b["anchors"], b["positives"], b["negatives"], **kw(ident))
+    two = pt.infonce(b["anchors"][perm], b["positives"][perm], b["negatives"][perm], **kw(perm))
+    assert one.item() == pytest.approx(two.item(), rel=1e-13)
+
+
+def test_other_positives_are_not_negatives() -> None:
+    # a = e0 with positives e0 and e1: if e1 were a negative of the first pair the loss would be larger
+    e = torch.eye(3, dtype=F64)
+    got = pt.infonce(e[:1], e[None, :2], e[None, 2:], temperature=1.0)
+    want = (math.log1p(math.exp(-1.0)) + math.log(2)) / 2
+    assert got.item() == pytest.approx(want, rel=1e-12)
+
+
+# ---------------------------------------------------------------- temperature
+
+
+def test_tensor_temperature_gradient_matches_formula() -> None:
+    b = batch(k=2, seed=10)
+    tau = torch.tensor(0.3, dtype=F64, requires_grad=True)
+    pt.infonce(
+        b["anchors"], b["positives"], b["negatives"], temperature=tau, negatives_mask=b["mask"], in_batch=True
+    ).backward()
+    tau_ref = torch.tensor(0.3, dtype=F64, requires_grad=True)
+    infonce_loop(b["anchors"], b["positives"], b["negatives"], tau_ref, mask=b["mask"], in_batch=True).backward()
+    assert tau.grad is not None and tau_ref.grad is not None
+    assert tau.grad.item() == pytest.approx(tau_ref.grad.item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_learnable_temperature_moves_as_the_gradient_says(engine: str) -> None:
+    b = batch(n=8, m=5, seed=11)
+    crit = pt.InfoNCE(temperature=0.5, learnable_temperature=True, engine=engine).double()
+    opt = torch.optim.SGD(crit.parameters(), lr=0.05)
+    for _ in range(3):
+        log_tau = crit.log_temperature.detach().clone().requires_grad_()
+        ref = infonce_loop(b["anchors"], b["positives"], b["negatives"], log_tau.exp())
+        (ref_grad,) = torch.autograd.grad(ref, log_tau)
+        opt.zero_grad()
+        crit(b["anchors"], b["positives"], b["negatives"]).backward()
+        assert crit.log_temperature.grad.item() == pytest.approx(ref_grad.item(), rel=1e-8)
+        before = crit.log_temperature.item()
+        opt.step()
+        assert crit.log_temperature.item() == pytest.approx(before - 0.05 * ref_grad.item(), rel=1e-12)
+    assert float(crit.temperature.detach()) > 0
+
+
+def test_learnable_temperature_keeps_masked_gradient_finite() -> None:
+    b = batch(seed=12)
+    crit = pt.InfoNCE(temperature=0.1, learnable_temperature=True).double()
+    mask = torch.zeros(5, 4, dtype=torch.bool)  # every negative masked, in-batch off
+    crit(b["anchors"], b["positives"], b["negatives"], negatives_mask=mask).backward()
+    assert torch.isfinite(crit.log_temperature.grad).all()

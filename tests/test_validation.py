@@ -1,0 +1,221 @@
+"""Bad input is rejected before any work, with a message naming the argument and the shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pytorch_metric_learning.losses import NTXentLoss, TripletMarginLoss
+
+import pml_triplets as pt
+
+N, M, D = 4, 3, 5
+
+
+def ok() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.randn(N, D), torch.randn(N, D), torch.randn(N, M, D)
+
+
+def call(**overrides: object) -> torch.Tensor:
+    a, p, n = ok()
+    args = {"anchors": a, "positives": p, "negatives": n} | overrides
+    return pt.infonce(args.pop("anchors"), args.pop("positives"), args.pop("negatives"), **args)  # type: ignore[arg-type]
+
+
+SHAPE_ERRORS = [
+    pytest.param({"anchors": torch.randn(N)}, r"`anchors` must be \[N, d\]; got \(4,\)", id="anchors-1d"),
+    pytest.param(
+        {"anchors": torch.randn(0, D), "positives": torch.randn(0, D), "negatives": torch.randn(0, M, D)},
+        r"`anchors` must hold at least one row.*got \(0, 5\)",
+        id="empty-batch",
+    ),
+    pytest.param(
+        {"positives": torch.randn(N + 1, D)},
+        r"`positives` must be \[N, d\] = \[4, 5\].*got \(5, 5\)",
+        id="positives-N",
+    ),
+    pytest.param(
+        {"positives": torch.randn(N, D + 1)},
+        r"`positives` must be .*\[4, 5\].*got \(4, 6\)",
+        id="positives-d",
+    ),
+    pytest.param(
+        {"negatives": torch.randn(N, D)},
+        r"`negatives` must be \[N, M, d\] = \[4, M, 5\]; got \(4, 5\).*unsqueeze\(1\)",
+        id="negatives-2d",
+    ),
+    pytest.param(
+        {"negatives": torch.randn(N * M, D)},
+        r"`negatives` must be .*got \(12, 5\).*reshape",
+        id="negatives-flattened",
+    ),
+    pytest.param(
+        {"negatives": torch.randn(N + 1, M, D)},
+        r"`negatives` must be \[N, M, d\] = \[4, M, 5\]; got \(5, 3, 5\)",
+        id="negatives-N",
+    ),
+    pytest.param({"negatives": torch.randn(N, M, D + 2)}, r"`negatives` must be .*got \(4, 3, 7\)", id="negatives-d"),
+    pytest.param({"negatives": torch.randn(N, 0, D)}, r"no negatives.*got \(4, 0, 5\)", id="M-zero"),
+    pytest.param({"negatives": None}, r"no negatives.*got None", id="negatives-none"),
+    pytest.param({"temperature": 0.0}, r"`temperature` must be positive.*got 0.0", id="temperature-zero"),
+    pytest.param({"temperature": -1.0}, r"`temperature` must be positive.*got -1.0", id="temperature-negative"),
+    pytest.param({"temperature": float("nan")}, r"`temperature` must be positive and finite", id="temperature-nan"),
+    pytest.param(
+        {"negatives_mask": torch.ones(N, M + 1, dtype=torch.bool)},
+        r"`negatives_mask` must be \[N, M\] = \[4, 3\]; got \(4, 4\)",
+        id="mask-shape",
+    ),
+    pytest.param(
+        {"shared_negatives": torch.randn(7, D + 1)},
+        r"`shared_negatives` must be \[S, d\] = \[S, 5\]; got \(7, 6\)",
+        id="shared-d",
+    ),
+    pytest.param(
+        {"positive_ids": torch.zeros(N + 1, dtype=torch.long), "in_batch": True},
+        r"`positive_ids` must be \[N\] = \[4\]; got \(5,\)",
+        id="pos-ids-shape",
+    ),
+    pytest.param(
+        {
+            "positive_ids": torch.zeros(N, dtype=torch.long),
+            "negative_ids": torch.zeros(N, M + 1, dtype=torch.long),
+        },
+        r"`negative_ids` must be \[N, M\] = \[4, 3\]; got \(4, 4\)",
+        id="neg-ids-shape",
+    ),
+    pytest.param(
+        {"positive_ids": torch.zeros(N, dtype=torch.long)},
+        r"`positive_ids` has no effect",
+        id="ids-no-effect",
+    ),
+    pytest.param(
+        {"negative_ids": torch.zeros(N, M, dtype=torch.long)},
+        r"`negative_ids` needs `positive_ids`",
+        id="neg-ids-alone",
+    ),
+    pytest.param({"chunk_size": 0}, r"`chunk_size` must be >= 1", id="chunk-zero"),
+    pytest.param({"chunk_size": -2}, r"`chunk_size` must be >= 0; got -2", id="chunk-negative"),
+    pytest.param({"engine": "fast"}, r"`engine` must be one of", id="engine"),
+    pytest.param({"gather_across_devices": True}, r"`gather_across_devices=True` needs `in_batch=True`", id="gather"),
+    pytest.param({"loss_fn": NTXentLoss(), "temperature": 0.1}, r"either `temperature` or `loss_fn`", id="both"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "match"), SHAPE_ERRORS)
+def test_value_errors(overrides: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        call(**overrides)
+
+
+TYPE_ERRORS = [
+    pytest.param({"anchors": [[1.0] * D] * N}, r"`anchors` must be a torch.Tensor; got list", id="list"),
+    pytest.param(
+        {"anchors": torch.ones(N, D, dtype=torch.long)},
+        r"`anchors` must hold floating-point.*int64",
+        id="int-anchors",
+    ),
+    pytest.param(
+        {"negatives": torch.ones(N, M, D, dtype=torch.int32)},
+        r"`negatives` must hold floating-point",
+        id="int-negatives",
+    ),
+    pytest.param(
+        {"positives": torch.randn(N, D, dtype=torch.float64)},
+        r"`positives` has dtype torch.float64 but `anchors` has torch.float32",
+        id="mixed-dtype",
+    ),
+    pytest.param(
+        {"negatives_mask": torch.ones(N, M)},
+        r"`negatives_mask` must be a bool tensor.*float32",
+        id="mask-dtype",
+    ),
+    pytest.param(
+        {"positive_ids": torch.zeros(N), "in_batch": True},
+        r"`positive_ids` must be an integer tensor",
+        id="ids-float",
+    ),
+    pytest.param(
+        {"temperature": "0.1"},
+        r"`temperature` must be a float or a 0-d tensor; got str",
+        id="temperature-str",
+    ),
+    pytest.param(
+        {"temperature": torch.ones(2)},
+        r"`temperature` must be a float or a 0-d floating tensor",
+        id="temperature-vector",
+    ),
+    pytest.param(
+        {"loss_fn": TripletMarginLoss()},
+        r"`loss_fn` must be a pytorch_metric_learning NTXentLoss",
+        id="loss-fn",
+    ),
+    pytest.param({"in_batch": 1}, r"`in_batch` must be a bool", id="in-batch-int"),
+    pytest.param({"chunk_size": 2.5}, r"`chunk_size` must be an int", id="chunk-float"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "match"), TYPE_ERRORS)
+def test_type_errors(overrides: dict, match: str) -> None:
+    with pytest.raises(TypeError, match=match):
+        call(**overrides)
+
+
+def test_rejected_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pml_triplets import _engine
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("evaluate ran on bad input")
+
+    monkeypatch.setattr(_engine, "evaluate", boom)
+    monkeypatch.setattr("pml_triplets.loss.evaluate", boom)
+    with pytest.raises(ValueError, match="negatives"):
+        call(negatives=torch.randn(N, D))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to put inputs on two devices")
+def test_devices_differ() -> None:
+    with pytest.raises(ValueError, match=r"`positives` is on cuda:0 but `anchors` is on cpu"):
+        call(positives=torch.randn(N, D, device="cuda"))
+
+
+def test_devices_differ_meta() -> None:
+    # the meta device stands in for a second device on a CPU-only machine
+    with pytest.raises(ValueError, match=r"`negatives` is on meta but `anchors` is on cpu"):
+        call(negatives=torch.randn(N, M, D, device="meta"))
+
+
+def test_module_rejects_both_and_bad_temperature() -> None:
+    with pytest.raises(ValueError, match="either `temperature` or `loss_fn`"):
+        pt.InfoNCE(0.1, loss_fn=NTXentLoss())
+    with pytest.raises(ValueError, match="`temperature` must be positive"):
+        pt.InfoNCE(-0.5)
+    with pytest.raises(ValueError, match=r"`negatives` must be \[N, M, d\]"):
+        pt.InfoNCE()(*ok()[:2], torch.randn(N, D))
+
+
+@pytest.mark.parametrize(
+    ("args", "exc", "match"),
+    [
+        pytest.param((-1, 3), ValueError, r"`n` must be >= 0; got -1", id="n-negative"),
+        pytest.param((2, -3), ValueError, r"`m` must be >= 0; got -3", id="m-negative"),
+        pytest.param((2.0, 3), TypeError, r"`n` must be an int; got float", id="n-float"),
+        pytest.param((True, 3), TypeError, r"`n` must be an int; got bool", id="n-bool"),
+    ],
+)
+def test_build_indices_errors(args: tuple, exc: type[Exception], match: str) -> None:
+    with pytest.raises(exc, match=match):
+        pt.build_indices(*args)
+
+
+def test_concat_embeddings_errors() -> None:
+    a, p, n = ok()
+    with pytest.raises(ValueError, match=r"`negatives` must be \[N, M, d\] = \[4, M, 5\]; got \(4, 5\)"):
+        pt.concat_embeddings(a, p, n[:, 0])
+    with pytest.raises(ValueError, match=r"`positives` must be \[N, d\] = \[4, 5\] here"):
+        pt.concat_embeddings(a, torch.randn(N, 2, D), n)
+
+
+def test_pairing_matrix_errors() -> None:
+    with pytest.raises(TypeError, match="3-tuple"):
+        pt.pairing_matrix((torch.arange(2),), 2, 1)
+    with pytest.raises(TypeError, match="entry `p` must be a 1-D integer tensor"):
+        pt.pairing_matrix((torch.arange(2), torch.ones(2), torch.arange(2)), 2, 1)

@@ -222,6 +222,14 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def rss_file() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def reset_high_water_mark() -> bool:
     """Reset the peak RSS that ``ru_maxrss`` reports to the current RSS (Linux >= 4.0); False if unavailable."""
     try:
@@ -254,9 +262,10 @@ def worker(args: argparse.Namespace) -> None:
         malloc_trim()
         reset_high_water_mark()
     base = rss_bytes()
+    f0 = rss_file()
     run_once(fn, inputs)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak": peak - base, "warm": resettable}))
+    print(json.dumps({"peak": peak - base, "warm": resettable, "file": rss_file() - f0}))
 
 
 def cpu_peak(cfg: Config, method: str, args: argparse.Namespace) -> tuple[float | None, str]:
@@ -271,6 +280,7 @@ def cpu_peak(cfg: Config, method: str, args: argparse.Namespace) -> tuple[float 
         last = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]
         return None, f"memory worker failed: {last[:80]}"
     report = json.loads(out.stdout.strip().splitlines()[-1])
+    print(cfg, method, report)
     return float(report["peak"]), "" if report["warm"] else "memory without warm-up"
 
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity, DotProductSimilarity, LpDistance
 from pytorch_metric_learning.losses import NTXentLoss
 from pytorch_metric_learning.reducers import PerAnchorReducer
@@ -36,7 +37,7 @@ _DENSE_DISTANCES = (
     DotProductSimilarity,
     LpDistance,
 )  # their compute_mat broadcasts over batches
-_BUDGET = {"cpu": 1 << 23, "cuda": 1 << 26}  # elements of the largest per-chunk intermediate
+_BUDGET = {"cpu": 1 << 25, "cuda": 1 << 27}  # elements of the largest per-chunk intermediate
 
 
 @dataclass
@@ -109,8 +110,9 @@ def _dense_chunk(
         parts.append(_similarity(distance, a, shared) / tau)  # (C, S)
     if pool is not None and pool_ok is not None:
         parts.append((_similarity(distance, a, pool) / tau).masked_fill(~pool_ok, fill))  # (C, R)
-    if parts:
-        lse = torch.logsumexp(torch.cat(parts, dim=1), dim=1)  # (C,)
+    if parts:  # one log-sum-exp per part, then across parts: no copy of the (C, S + R) logits into one tensor
+        lses = [torch.logsumexp(part, dim=1) for part in parts]  # each (C,)
+        lse = lses[0] if len(lses) == 1 else torch.logsumexp(torch.stack(lses, dim=1), dim=1)
     else:
         lse = a.new_full((a.shape[0],), fill)
     # -log(e^pos / (e^pos + sum e^neg)) = softplus(lse(neg) - pos): exact, no exp overflow, no tiny added.
@@ -214,6 +216,7 @@ def evaluate(
         size = chunk_size or auto_chunk(spec, 0 if pool is None else pool.emb.shape[0], dense)
         rows = torch.arange(n, device=spec.device) + (0 if pool is None else pool.offset)
         count = -(-n // size)
+        recompute = count > 1 and (pool is not None or sh is not None) and torch.is_grad_enabled()
         columns = zip(
             torch.split(a, size),
             torch.split(p, size),
@@ -226,7 +229,11 @@ def evaluate(
         for a_c, p_c, neg_c, ok_c, rows_c, pid_c in columns:
             pool_ok = None if pool is None else _pool_ok(pool, rows_c, pid_c)
             chunk = (a_c, p_c, neg_c, ok_c, sh, None if pool is None else pool.emb, pool_ok)
-            if dense:
+            if dense and recompute:
+                # Keep only one chunk's (C, S + R) logits alive: recompute them in the backward pass.
+                out = checkpoint(_dense_chunk, loss_fn.distance, loss_fn.temperature, *chunk, use_reentrant=False)
+                losses.append(out)
+            elif dense:
                 losses.append(_dense_chunk(loss_fn.distance, loss_fn.temperature, *chunk))
             else:
                 losses.append(_pml_chunk(loss_fn, *chunk))

@@ -20,10 +20,10 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity, DotProductSimilarity, LpDistance
 from pytorch_metric_learning.losses import NTXentLoss
 from pytorch_metric_learning.reducers import PerAnchorReducer
+from torch.utils.checkpoint import checkpoint
 
 from . import _distributed
 from ._validation import Spec

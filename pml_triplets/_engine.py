@@ -53,12 +53,16 @@ class Pool:
 
 
 def uses_dense(loss_fn: NTXentLoss, engine: Engine) -> bool:
-    """Whether the dense engine reproduces ``loss_fn`` exactly (plain NT-Xent, a distance it knows)."""
-    if engine != "auto":
-        return engine == "dense"
+    """Whether to take the dense engine; it reproduces a plain ``NTXentLoss`` with a distance it knows."""
     cls = type(loss_fn)
     plain_loss = cls._compute_loss is NTXentLoss._compute_loss and cls.compute_loss is NTXentLoss.compute_loss
-    return plain_loss and type(loss_fn.distance) in _DENSE_DISTANCES
+    supported = plain_loss and type(loss_fn.distance) in _DENSE_DISTANCES
+    if engine == "dense" and not supported:
+        raise ValueError(
+            "`engine='dense'` reproduces a plain NTXentLoss with CosineSimilarity, DotProductSimilarity or "
+            f"LpDistance; got {cls.__name__} with {type(loss_fn.distance).__name__} (use engine='auto' or 'pml')"
+        )
+    return supported and engine != "pml"
 
 
 def auto_chunk(spec: Spec, pool_rows: int, dense: bool) -> int:

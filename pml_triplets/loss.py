@@ -13,7 +13,7 @@ import torch
 from pytorch_metric_learning.losses import NTXentLoss
 from torch import nn
 
-from ._engine import ENGINES, Engine, evaluate
+from ._engine import ENGINES, Engine, evaluate, uses_dense
 from ._validation import check_inputs, check_size, check_temperature
 
 __all__ = ["DEFAULT_TEMPERATURE", "InfoNCE", "infonce"]
@@ -29,6 +29,7 @@ def _check_options(loss_fn: object, chunk_size: object, engine: object, in_batch
         raise ValueError("`chunk_size` must be >= 1 or None (automatic); got 0")
     if engine not in ENGINES:
         raise ValueError(f"`engine` must be one of {ENGINES}; got {engine!r}")
+    uses_dense(loss_fn, engine)  # type: ignore[arg-type]  # raises for a forced engine that cannot apply
     if not isinstance(in_batch, bool):
         raise TypeError(f"`in_batch` must be a bool; got {type(in_batch).__name__}")
     if not isinstance(gather, bool):

@@ -102,7 +102,23 @@ def test_auto_engine_choice() -> None:
             return super()._compute_loss(*args)
 
     assert not uses_dense(Custom(), "auto")
-    assert uses_dense(Custom(), "dense") and not uses_dense(NTXentLoss(), "pml")
+    assert not uses_dense(NTXentLoss(), "pml")
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        pytest.param(NTXentLoss(distance=SNRDistance()), id="snr"),
+        pytest.param(
+            type("Sub", (NTXentLoss,), {"_compute_loss": lambda self, *a: NTXentLoss._compute_loss(self, *a)})(),
+            id="subclass",
+        ),
+    ],
+)
+def test_forced_dense_engine_rejects_what_it_cannot_reproduce(loss_fn: NTXentLoss) -> None:
+    a, p, neg = data()
+    with pytest.raises(ValueError, match=r"`engine='dense'` reproduces a plain NTXentLoss"):
+        pt.infonce(a, p, neg, loss_fn=loss_fn, engine="dense")
 
 
 def test_subclass_goes_through_pml() -> None:

@@ -1,0 +1,255 @@
+"""Property tests (hypothesis) over random sizes, temperatures, masks, ids and modes, in float64.
+
+Hypothesis draws the sizes, the options and a seed; the tensors come from a torch generator seeded with it, so
+every example is reproducible from what hypothesis prints. Expected values come from tests/formula.py or from
+another call of the library on transformed inputs (a metamorphic relation), never from a stored number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from formula import infonce_loop
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity, LpDistance
+from pytorch_metric_learning.losses import NTXentLoss
+
+import pml_triplets as pt
+
+F64 = torch.float64
+SETTINGS = settings(max_examples=25, deadline=None)
+ENGINES = st.sampled_from(["dense", "pml"])
+TIGHT = {"rtol": 1e-12, "atol": 1e-12}
+
+
+@dataclass
+class Case:
+    """One drawn call: tensors, options and the temperature (float64, CPU)."""
+
+    a: torch.Tensor  # (N, d)
+    p: torch.Tensor  # (N, d) or (N, K, d)
+    n: torch.Tensor  # (N, M, d)
+    tau: float
+    shared: torch.Tensor | None = None  # (S, d)
+    mask: torch.Tensor | None = None  # (N, M)
+    in_batch: bool = False
+    pid: torch.Tensor | None = None  # (N,) or (N, K)
+    nid: torch.Tensor | None = None  # (N, M)
+    seed: int = 0
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.a, self.p, self.n, self.shared) if t is not None]
+
+    def kwargs(self) -> dict[str, Any]:
+        return {
+            "negatives_mask": self.mask,
+            "in_batch": self.in_batch,
+            "positive_ids": self.pid,
+            "negative_ids": self.nid,
+        }
+
+    def generator(self, salt: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 7919 + salt)
+
+
+@st.composite
+def cases(draw: st.DrawFn, *, in_batch: bool | None = None, ids: bool = True, shared: bool = True) -> Case:
+    """N in 1..6, K in 1..3, M in 1..5, S in 0..3, d in 1..8, tau in [0.05, 5], optional mask, in_batch and ids."""
+    n, k, m, d = draw(st.integers(1, 6)), draw(st.integers(1, 3)), draw(st.integers(1, 5)), draw(st.integers(1, 8))
+    s = draw(st.integers(0, 3)) if shared else 0
+    tau = draw(st.floats(0.05, 5.0))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    flat = k == 1 and draw(st.booleans())  # positives as [N, d]
+    a = torch.randn(n, d, generator=g, dtype=F64)
+    p = torch.randn(n, d, generator=g, dtype=F64) if flat else torch.randn(n, k, d, generator=g, dtype=F64)
+    neg = torch.randn(n, m, d, generator=g, dtype=F64)
+    sh = torch.randn(s, d, generator=g, dtype=F64) if s else None
+    mask = None
+    if draw(st.booleans()):
+        mask = torch.rand(n, m, generator=g) < draw(st.floats(0.0, 1.0))
+    batch = draw(st.booleans()) if in_batch is None else in_batch
+    pid = nid = None
+    if ids and draw(st.booleans()):
+        pid = torch.randint(0, 4, (n,) if flat and draw(st.booleans()) else (n, k), generator=g)
+        if not batch or draw(st.booleans()):
+            nid = torch.randint(0, 4, (n, m), generator=g)
+    return Case(a, p, neg, tau, sh, mask, batch, pid, nid, seed)
+
+
+def _run(case: Case, engine: str, *, chunk_size: int | None = None, **overrides: Any) -> list[torch.Tensor]:
+    """The loss and its gradients w.r.t. every tensor of ``case``, cosine similarity."""
+    xs = [t.detach().clone().requires_grad_() for t in case.tensors]
+    a, p, n = xs[:3]
+    sh = xs[3] if case.shared is not None else None
+    kw = case.kwargs() | overrides
+    loss = pt.infonce(a, p, n, shared_negatives=sh, temperature=case.tau, engine=engine, chunk_size=chunk_size, **kw)
+    return [loss.detach(), *torch.autograd.grad(loss, xs)]
+
+
+def _assert_all_close(got: list[torch.Tensor], want: list[torch.Tensor], rtol: float, atol: float) -> None:
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol * max(1.0, float(y.abs().max())))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Agreement with the float64 formula
+# ---------------------------------------------------------------------------------------------------------------
+
+DISTANCES = {
+    "cosine": (CosineSimilarity, "cosine", False),
+    "dot-raw": (lambda: DotProductSimilarity(normalize_embeddings=False), "dot", False),
+    "lp-unit": (LpDistance, "euclidean", True),
+    "lp-raw": (lambda: LpDistance(normalize_embeddings=False), "euclidean", False),
+}
+
+
+@SETTINGS
+@given(case=cases(), engine=ENGINES, dist=st.sampled_from(sorted(DISTANCES)))
+def test_matches_formula(case: Case, engine: str, dist: str) -> None:
+    make, sim, unit = DISTANCES[dist]
+    xs = [t.clone().requires_grad_() for t in case.tensors]
+    a, p, n = xs[:3]
+    sh = xs[3] if case.shared is not None else None
+    loss_fn = NTXentLoss(temperature=case.tau, distance=make())
+    loss = pt.infonce(a, p, n, shared_negatives=sh, loss_fn=loss_fn, engine=engine, **case.kwargs())
+    got = [loss, *torch.autograd.grad(loss, xs)]
+
+    def prep(y: torch.Tensor) -> torch.Tensor:  # LpDistance() L2-normalizes first; formula.py does not
+        return y / torch.sqrt((y * y).sum(-1, keepdim=True)).clamp_min(1e-12) if unit else y
+
+    ys = [t.clone().requires_grad_() for t in case.tensors]
+    fa, fp, fn = (prep(y) for y in ys[:3])
+    fsh = None if case.shared is None else prep(ys[3])
+    want = infonce_loop(
+        fa,
+        fp,
+        fn,
+        case.tau,
+        mask=case.mask,
+        shared=fsh,
+        in_batch=case.in_batch,
+        pos_ids=case.pid,
+        neg_ids=case.nid,
+        sim=sim,
+    )
+    torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-9, atol=1e-9)
+    # gradients: 1e-7, since the dense engine's softplus(x) returns x for x > 20 (off by up to 2e-9; see
+    # tests/test_numerics.py::test_float64_term_just_above_softplus_threshold_is_exact)
+    want_grads = torch.autograd.grad(want, ys, allow_unused=True)
+    for g, w in zip(got[1:], want_grads):
+        w = torch.zeros_like(g) if w is None else w
+        torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-7 * max(1.0, float(w.abs().max())))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metamorphic relations
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(case=cases(), engine=ENGINES)
+def test_permuting_an_anchors_negatives_changes_nothing(case: Case, engine: str) -> None:
+    n, m = case.n.shape[:2]
+    perm = torch.argsort(torch.rand(n, m, generator=case.generator(1)), dim=1)  # a permutation per row
+
+    def rows(x: torch.Tensor | None) -> torch.Tensor | None:
+        if x is None:
+            return None
+        return torch.gather(x, 1, perm if x.ndim == 2 else perm[..., None].expand_as(x))
+
+    moved = replace(case, n=rows(case.n), mask=rows(case.mask), nid=rows(case.nid))
+    before, after = _run(case, engine), _run(moved, engine)
+    inverse = torch.argsort(perm, dim=1)[..., None].expand_as(case.n)
+    after[3] = torch.gather(after[3], 1, inverse)  # d loss / d negatives, back in the original order
+    _assert_all_close(after, before, **TIGHT)
+
+
+@SETTINGS
+@given(case=cases(in_batch=False, ids=False), engine=ENGINES)
+def test_masking_negatives_equals_dropping_them(case: Case, engine: str) -> None:
+    """One masked call == the mean of one call per anchor on its real negatives only (0 if it has none).
+
+    The masked rows hold NaN and inf: they must reach neither the loss nor any gradient.
+    """
+    n, m = case.n.shape[:2]
+    mask = torch.rand(n, m, generator=case.generator(2)) < 0.6
+    garbage = case.n.clone()
+    garbage[~mask] = float("nan")
+    garbage[~mask & (torch.arange(m) % 2 == 0)] = float("inf")
+    got = _run(replace(case, n=garbage, mask=mask), engine)
+    assert torch.isfinite(got[0])
+    assert (got[3][~mask] == 0).all()
+    assert all(torch.isfinite(g).all() for g in got[1:])
+
+    terms = []
+    for i in range(n):
+        real = case.n[i : i + 1, mask[i]]  # (1, M_i, d)
+        if real.shape[1] == 0 and case.shared is None:
+            terms.append(torch.zeros((), dtype=F64))  # documented: an anchor with no negatives has loss 0
+            continue
+        negatives = real if real.shape[1] else None
+        a, p = case.a[i : i + 1], case.p[i : i + 1]
+        terms.append(pt.infonce(a, p, negatives, shared_negatives=case.shared, temperature=case.tau, engine=engine))
+    torch.testing.assert_close(got[0], torch.stack(terms).mean(), **TIGHT)
+
+
+@SETTINGS
+@given(case=cases(in_batch=True), engine=ENGINES, data=st.data())
+def test_masking_equals_dropping_in_batch(case: Case, engine: str, data: st.DataObject) -> None:
+    """With in_batch, a mask that keeps r negatives in every row == the compacted [N, r, d] negatives, unmasked.
+
+    Masked rows hold NaN; they are neither anyone's negative nor in anyone's gradient.
+    """
+    n, m, d = case.n.shape
+    r = data.draw(st.integers(1, m), label="r")
+    order = torch.argsort(torch.rand(n, m, generator=case.generator(3)), dim=1)
+    keep = torch.sort(order[:, :r], dim=1).values  # (N, r) kept columns, in their original order
+    mask = torch.zeros(n, m, dtype=torch.bool).scatter_(1, keep, True)
+    masked = case.n.clone()
+    masked[~mask] = float("nan")
+    compact = torch.gather(case.n, 1, keep[..., None].expand(n, r, d))
+    nid = None if case.nid is None else torch.gather(case.nid, 1, keep)
+
+    got = _run(replace(case, n=masked, mask=mask), engine)
+    want = _run(replace(case, n=compact, mask=None, nid=nid), engine)
+    assert (got[3][~mask] == 0).all()
+    got[3] = torch.gather(got[3], 1, keep[..., None].expand(n, r, d))
+    _assert_all_close(got, want, **TIGHT)
+
+
+@SETTINGS
+@given(case=cases(), engine=ENGINES, data=st.data())
+def test_chunk_size_changes_nothing(case: Case, engine: str, data: st.DataObject) -> None:
+    n = case.a.shape[0]
+    whole = _run(case, engine)
+    _assert_all_close(_run(case, engine, chunk_size=1), whole, **TIGHT)
+    size = data.draw(st.integers(1, n + 1), label="chunk_size")
+    _assert_all_close(_run(case, engine, chunk_size=size), whole, **TIGHT)
+
+
+@SETTINGS
+@given(case=cases(), engine=ENGINES, log_c=st.floats(-3.0, 3.0))
+def test_cosine_loss_is_scale_invariant(case: Case, engine: str, log_c: float) -> None:
+    """Scaling inputs by c > 0 (one c for everything, and a random c per row) leaves the loss unchanged;
+    the gradient w.r.t. a row scaled by c is divided by c."""
+    base = _run(case, engine)
+    c = 10.0**log_c
+    _assert_all_close(_run(replace(case, a=c * case.a, p=c * case.p, n=c * case.n), engine)[:1], base[:1], **TIGHT)
+
+    g = case.generator(4)
+
+    def scale_rows(x: torch.Tensor) -> torch.Tensor:
+        return 10.0 ** (6 * torch.rand(*x.shape[:-1], 1, generator=g, dtype=F64) - 3)
+
+    scales = [scale_rows(t) for t in case.tensors]
+    scaled = [s * t for s, t in zip(scales, case.tensors)]
+    moved = replace(case, a=scaled[0], p=scaled[1], n=scaled[2], shared=scaled[3] if case.shared is not None else None)
+    got = _run(moved, engine)
+    torch.testing.assert_close(got[0], base[0], **TIGHT)
+    for grad, s, ref in zip(got[1:], scales, base[1:]):
+        torch.testing.assert_close(grad * s, ref, rtol=1e-9, atol=1e-9 * max(1.0, float(ref.abs().max())))

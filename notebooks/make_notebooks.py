@@ -35,7 +35,7 @@ from pytorch_metric_learning.losses import NTXentLoss
 
 import pml_triplets as pt
 
-torch.manual_seed(0)""",
+_ = torch.manual_seed(0)""",
     ),
     (
         "md",
@@ -73,7 +73,7 @@ print("build_indices anchors:", right[0].tolist())""",
     ),
     (
         "code",
-        """fig, axes = plt.subplots(1, 2, figsize=(11, 3), sharey=True)
+        """fig, axes = plt.subplots(1, 2, figsize=(11, 3), sharey=True, layout="constrained")
 for ax, (title, indices) in zip(axes, [("article: .repeat(M)", recipe), ("pt.build_indices", right)]):
     ax.imshow(pt.pairing_matrix(indices, N, M), cmap="Greys", aspect="auto", interpolation="nearest")
     ax.vlines([k * M - 0.5 for k in range(1, N)], -0.5, N - 0.5, colors="tab:red", lw=1)
@@ -252,7 +252,7 @@ plt.show()""",
     ),
     (
         "code",
-        """fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+        """fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), layout="constrained")
 for ax, (title, emb) in zip(axes, [("raw pixels", split.x_test), ("untrained", untrained), ("trained", trained)]):
     demo.plot_projection(ax, emb, split.y_test, title=title)
 plt.show()""",

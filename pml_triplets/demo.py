@@ -247,9 +247,10 @@ def article_recipe_loss(
         A 0-d tensor.
     """
     n, m = negatives.shape[:2]
-    a = torch.arange(n).repeat(m)
-    p = torch.arange(n, 2 * n).repeat(m)
-    neg = torch.arange(2 * n, 2 * n + n * m)
+    dev = anchors.device
+    a = torch.arange(n, device=dev).repeat(m)  # the bug: repeat_interleave(m) is right
+    p = torch.arange(n, 2 * n, device=dev).repeat(m)
+    neg = torch.arange(2 * n, 2 * n + n * m, device=dev)
     emb = concat_embeddings(anchors, positives, negatives)
     return NTXentLoss(temperature=temperature)(emb, indices_tuple=(a, p, neg))
 
@@ -287,7 +288,7 @@ def train(
         progress: show a tqdm bar with the running epoch loss.
 
     Returns:
-        The loss of every step.
+        The loss of every step (:class:`History`).
     """
     if objective not in ("infonce", "article-recipe"):
         raise ValueError(f"`objective` must be 'infonce' or 'article-recipe'; got {objective!r}")
@@ -390,11 +391,14 @@ def plot_loss(ax: Axes, history: History) -> None:
 
 def plot_projection(ax: Axes, embeddings: torch.Tensor, labels: torch.Tensor, title: str = "") -> None:
     """Scatter of the 2-D PCA of the L2-normalised ``[N, d]`` embeddings, coloured by class, digits at centroids."""
+    from matplotlib.patheffects import withStroke
+
     xy = pca_2d(torch.nn.functional.normalize(embeddings.float(), dim=1))
     ax.scatter(xy[:, 0].tolist(), xy[:, 1].tolist(), c=labels.tolist(), cmap="tab10", vmin=-0.5, vmax=9.5, s=7)
     for c in labels.unique().tolist():
         cx, cy = xy[labels == c].mean(dim=0).tolist()
-        ax.text(cx, cy, str(c), fontsize=13, weight="bold", ha="center", va="center")
+        halo = [withStroke(linewidth=3, foreground="white")]
+        ax.text(cx, cy, str(c), fontsize=13, weight="bold", ha="center", va="center", path_effects=halo)
     ax.set(xlabel="PC 1", ylabel="PC 2", title=title or "held-out embeddings (PCA)")
 
 
@@ -452,7 +456,8 @@ def _run(args: argparse.Namespace) -> int:
     print(
         f"digits: {len(split.y_train)} train / {len(split.y_test)} held-out images; MLP 64-128-64; "
         f"{args.mode} negatives, M={args.negatives}, temperature={args.temperature}, "
-        f"{args.epochs} epochs, seed={args.seed}"
+        f"{args.epochs} epochs, seed={args.seed}",
+        flush=True,  # before tqdm writes to stderr
     )
     model = make_embedder(seed=args.seed)
     rows = {
@@ -575,3 +580,7 @@ def _uniform_below(high: torch.Tensor, shape: tuple[int, ...], generator: torch.
     product below ``high``."""
     u = torch.rand(shape, generator=generator, dtype=torch.float64)
     return (u * high).long().clamp_max(high - 1)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,222 @@
+"""The digits demo: CLI runs, triplet sampling, determinism, the mis-paired recipe, and the default run's targets."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+import pml_triplets as pt
+from pml_triplets import demo
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Train on one thread as ``main`` does: faster for these tiny matrices, and what the demo's numbers used."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def split() -> demo.DigitsSplit:
+    return demo.load_digits_split()
+
+
+def table_row(out: str, name: str) -> dict[str, float]:
+    """The metrics of row ``name`` of the table ``main`` prints."""
+    match = re.search(rf"^\| {re.escape(name)} +\| ([0-9.]+) +\| ([0-9.]+) +\|$", out, re.MULTILINE)
+    assert match, f"no table row {name!r} in:\n{out}"
+    return dict(zip(demo.METRICS, map(float, match.groups())))
+
+
+def test_split_is_stratified_and_fixed(split: demo.DigitsSplit) -> None:
+    assert split.x_train.shape == (1257, 64) and split.x_test.shape == (540, 64)
+    assert split.x_train.dtype == torch.float32 and split.x_train.min() >= 0 and split.x_train.max() <= 1
+    assert torch.equal(split.y_test, demo.load_digits_split().y_test)
+    per_class = torch.bincount(torch.cat([split.y_train, split.y_test]))
+    assert (torch.bincount(split.y_test) - 0.3 * per_class).abs().max() <= 1  # stratified
+
+
+@pytest.mark.parametrize("flag", ["--hard", "--random"])
+def test_main_short_run(tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str) -> None:
+    code = demo.main(["--epochs", "2", "--negatives", "4", flag, "--out", str(tmp_path), "--seed", "1"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    png = tmp_path / "digits_demo.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert str(png) in out
+    for name in ("raw pixels", "untrained MLP", "trained MLP"):
+        assert set(table_row(out, name)) == set(demo.METRICS)
+    assert "loss=" in err  # the tqdm postfix
+
+
+def test_main_restores_thread_count(tmp_path: Path) -> None:
+    torch.set_num_threads(2)
+    assert demo.main(["--epochs", "1", "--negatives", "1", "--random", "--out", str(tmp_path)]) == 0
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--epochs", "0"],
+        ["--negatives", "-1"],
+        ["--temperature", "0"],
+        ["--temperature", "nan"],
+        ["--hard", "--random"],
+        ["--no-such-option"],
+        ["--negatives", "5000"],  # more hard negatives than other-class images
+    ],
+)
+def test_main_rejects_bad_arguments(argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert demo.main([*argv, "--out", str(tmp_path)]) == 2
+    assert "error" in capsys.readouterr().err
+    assert not (tmp_path / "digits_demo.png").exists()
+
+
+def test_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert demo.main(["--help"]) == 0
+    assert "python -m pml_triplets demo" in capsys.readouterr().out
+
+
+def test_default_run_meets_targets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The default configuration (a few seconds on one core) must reach the advertised held-out quality."""
+    assert demo.main(["--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    raw, untrained, trained = (table_row(out, name) for name in ("raw pixels", "untrained MLP", "trained MLP"))
+    assert trained["mean_average_precision_at_r"] >= 0.90
+    assert trained["precision_at_1"] >= 0.97
+    assert trained["mean_average_precision_at_r"] > raw["mean_average_precision_at_r"] + 0.3
+    assert untrained["mean_average_precision_at_r"] < 0.6
+
+
+@pytest.mark.parametrize("mode", ["hard", "random"])
+def test_training_is_deterministic(split: demo.DigitsSplit, mode: demo.NegativeMode) -> None:
+    x, y = split.x_train[:300], split.y_train[:300]
+
+    def run(seed: int) -> tuple[list[float], torch.Tensor]:
+        model = demo.make_embedder(seed=seed)
+        history = demo.train(model, x, y, epochs=2, negatives=3, mode=mode, batch_size=64, seed=seed)
+        return history.step_losses, demo.embed(model, split.x_test[:50])
+
+    losses, emb = run(0)
+    losses_again, emb_again = run(0)
+    assert losses == losses_again
+    assert torch.equal(emb, emb_again)
+    assert run(1)[0] != losses
+
+
+def test_make_embedder_leaves_global_rng_alone() -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    demo.make_embedder(seed=0)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def check_triplets(trip: demo.Triplets, labels: torch.Tensor, m: int) -> None:
+    n = len(labels)
+    assert trip.positives.shape == (n,) and trip.negatives.shape == (n, m)
+    assert (labels[trip.positives] == labels).all()
+    assert (trip.positives != torch.arange(n)).all()
+    assert (labels[trip.negatives] != labels[:, None]).all()
+
+
+def test_random_triplets(split: demo.DigitsSplit) -> None:
+    y = split.y_train
+    trip = demo.make_triplets(y, 20, mode="random", generator=torch.Generator().manual_seed(0))
+    check_triplets(trip, y, 20)
+    # Every other class shows up among the negatives of class 0, and every image of class 3 among the positives.
+    assert set(y[trip.negatives[y == 0]].unique().tolist()) == set(range(1, 10))
+    many = [demo.make_triplets(y, 1, mode="random", generator=torch.Generator().manual_seed(s)) for s in range(30)]
+    seen = torch.cat([t.positives[y == 3] for t in many]).unique()
+    assert torch.equal(seen, torch.nonzero(y == 3).squeeze(1))
+
+
+def test_hard_triplets_come_from_the_pool(split: demo.DigitsSplit) -> None:
+    x, y = split.x_train, split.y_train
+    pool = demo.hard_negative_pool(x, y, 12)
+    trip = demo.make_triplets(y, 5, mode="hard", generator=torch.Generator().manual_seed(0), pool=pool)
+    check_triplets(trip, y, 5)
+    for i in range(0, len(y), 97):
+        chosen = trip.negatives[i].tolist()
+        assert len(set(chosen)) == 5 and set(chosen) <= set(pool[i].tolist())
+
+
+def test_hard_negative_pool_is_nearest_other_class(split: demo.DigitsSplit) -> None:
+    x, y = split.x_train, split.y_train
+    pool = demo.hard_negative_pool(x, y, 6)
+    for i in (0, 500, 1000):
+        others = torch.nonzero(y != y[i]).squeeze(1)
+        dist = (x[others] - x[i]).norm(dim=1).double()
+        expected = dist.sort().values[:6]
+        got = (x[pool[i]] - x[i]).norm(dim=1).double()
+        assert torch.allclose(got, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="`k` must be in"):
+        demo.hard_negative_pool(x, y, len(y))
+
+
+def test_triplet_errors() -> None:
+    g = torch.Generator()
+    with pytest.raises(ValueError, match="at least two images"):
+        demo.make_triplets(torch.tensor([0, 0, 1]), 1, mode="random", generator=g)
+    with pytest.raises(ValueError, match="needs `pool`"):
+        demo.make_triplets(torch.tensor([0, 0, 1, 1]), 1, mode="hard", generator=g)
+    with pytest.raises(ValueError, match="`mode`"):
+        demo.make_triplets(torch.tensor([0, 0, 1, 1]), 1, mode="semi-hard", generator=g)  # type: ignore[arg-type]
+
+
+def test_article_recipe_is_mispaired() -> None:
+    torch.manual_seed(0)
+    a, p = torch.randn(6, 8), torch.randn(6, 8)
+    n = a[:, None] + 0.3 * torch.randn(6, 4, 8)  # hard: each anchor's own negatives lie close to it
+    recipe = demo.article_recipe_loss(a, p, n, 0.1)
+    right = pt.reference_infonce(a, p, n, 0.1)
+    assert recipe < right - 0.5
+    # With one negative per anchor, .repeat and .repeat_interleave coincide: the recipe is right.
+    one = n[:, :1]
+    assert torch.allclose(demo.article_recipe_loss(a, p, one, 0.1), pt.reference_infonce(a, p, one, 0.1), atol=1e-5)
+
+
+def test_article_recipe_objective_trains(split: demo.DigitsSplit) -> None:
+    model = demo.make_embedder(seed=0)
+    x, y = split.x_train[:256], split.y_train[:256]
+    history = demo.train(model, x, y, epochs=1, negatives=4, mode="random", objective="article-recipe")
+    assert len(history.step_losses) == 2 and all(v > 0 for v in history.step_losses)
+    with pytest.raises(ValueError, match="objective"):
+        demo.train(model, x, y, epochs=1, objective="triplet")  # type: ignore[arg-type]
+
+
+def test_history_epoch_losses() -> None:
+    history = demo.History([1.0, 3.0, 2.0, 4.0], steps_per_epoch=2)
+    assert history.epoch_losses == [2.0, 3.0]
+
+
+def test_evaluate_perfect_and_pca() -> None:
+    labels = torch.arange(4).repeat_interleave(5)
+    emb = torch.nn.functional.one_hot(labels, 4).float() + 0.01 * torch.randn(20, 4)
+    assert demo.evaluate(emb, labels) == pytest.approx({m: 1.0 for m in demo.METRICS})
+    xy = demo.pca_2d(torch.randn(30, 5) * torch.tensor([5.0, 3.0, 1.0, 0.5, 0.1]))
+    assert xy.shape == (30, 2) and xy[:, 0].var() >= xy[:, 1].var()
+
+
+def test_importing_the_package_does_not_import_the_demo() -> None:
+    code = (
+        "import sys, pml_triplets; assert 'pml_triplets.demo' not in sys.modules; "
+        "import pml_triplets.demo; "
+        "assert not {'matplotlib', 'sklearn'} & set(sys.modules), 'optional dependencies imported eagerly'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -120,7 +120,8 @@ def _dense_chunk(
     else:
         lse = a.new_full((a.shape[0],), fill)
     # -log(e^pos / (e^pos + sum e^neg)) = softplus(lse(neg) - pos): exact, no exp overflow, no tiny added.
-    return F.softplus(lse[:, None] - pos).reshape(-1)  # (C*K,)
+    # threshold=40: the default (20) returns x alone above 20, dropping log1p(e^-x) ~ 2e-9 (float64 notices).
+    return F.softplus(lse[:, None] - pos, threshold=40.0).reshape(-1)  # (C*K,)
 
 
 def _pml_chunk(
@@ -169,6 +170,10 @@ def _pml_chunk(
     return out["loss"]["losses"]
 
 
+def _zero_rows_without_grad(x: torch.Tensor) -> torch.Tensor:
+    return torch.where((x == 0).all(dim=-1, keepdim=True), x.detach(), x)
+
+
 def _split(x: torch.Tensor | None, size: int, chunks: int) -> list[torch.Tensor | None]:
     # torch.split, once: its backward is one concatenation; slicing in a loop allocates a full-size gradient per slice.
     return [None] * chunks if x is None else list(torch.split(x, size))
@@ -205,6 +210,12 @@ def evaluate(
             # Zero masked rows first, so whatever they hold (inf, NaN) reaches neither the loss nor any gradient.
             neg = torch.where(negatives_mask[..., None], neg, neg.new_zeros(()))
         neg_ok = negatives_mask
+        if spec.dtype == torch.float16 and getattr(loss_fn.distance, "normalize_embeddings", False):
+            # normalize's Jacobian at a zero row is I/eps ~ 1e12, which float16 turns into inf: zero rows
+            # (padding) get no gradient instead. Their value is unchanged (normalize maps them to 0).
+            a, p = _zero_rows_without_grad(a), _zero_rows_without_grad(p)
+            neg = None if neg is None else _zero_rows_without_grad(neg)
+            sh = None if sh is None else _zero_rows_without_grad(sh)
         if neg is not None and pid is not None and negative_ids is not None:
             clash = (negative_ids[:, :, None] == pid[:, None, :]).any(-1)  # (N, M)
             neg_ok = ~clash if neg_ok is None else neg_ok & ~clash

@@ -57,10 +57,10 @@ class Case:
 
 
 @st.composite
-def cases(draw: st.DrawFn, *, in_batch: bool | None = None, ids: bool = True, shared: bool = True) -> Case:
+def cases(draw: st.DrawFn, *, in_batch: bool | None = None, ids: bool = True) -> Case:
     """N in 1..6, K in 1..3, M in 1..5, S in 0..3, d in 1..8, tau in [0.05, 5], optional mask, in_batch and ids."""
     n, k, m, d = draw(st.integers(1, 6)), draw(st.integers(1, 3)), draw(st.integers(1, 5)), draw(st.integers(1, 8))
-    s = draw(st.integers(0, 3)) if shared else 0
+    s = draw(st.integers(0, 3))
     tau = draw(st.floats(0.05, 5.0))
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
@@ -140,10 +140,15 @@ def test_matches_formula(case: Case, engine: str, dist: str) -> None:
     torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-9, atol=1e-9)
     # gradients: 1e-7, since the dense engine's softplus(x) returns x for x > 20 (off by up to 2e-9; see
     # tests/test_numerics.py::test_float64_term_just_above_softplus_threshold_is_exact)
+    # The formula's sqrt has no gradient at distance 0 (NaN), which d = 1 with LpDistance() hits often; the
+    # library must stay finite there (torch.cdist gives 0) and match the formula everywhere else.
     want_grads = torch.autograd.grad(want, ys, allow_unused=True)
     for g, w in zip(got[1:], want_grads):
+        assert torch.isfinite(g).all()
         w = torch.zeros_like(g) if w is None else w
-        torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-7 * max(1.0, float(w.abs().max())))
+        defined = torch.isfinite(w)
+        atol = 1e-7 * max(1.0, float(w[defined].abs().max()) if defined.any() else 0.0)
+        torch.testing.assert_close(g[defined], w[defined], rtol=1e-7, atol=atol)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -45,25 +46,12 @@ def sample_triplets(batch: int, m: int, g: torch.Generator) -> tuple[torch.Tenso
     return anchors, positives, negatives
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=32, help="triplets per rank and step")
-    parser.add_argument("--negatives", type=int, default=4, help="negatives per anchor (M)")
-    parser.add_argument("--lr", type=float, default=1e-2)
-    args = parser.parse_args()
-
-    distributed = "RANK" in os.environ  # set by torchrun
-    if distributed:
-        # gloo on CPU; on GPUs use "nccl" and put the model and the batch on f"cuda:{LOCAL_RANK}".
-        dist.init_process_group("gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    torch.set_num_threads(1)
-
+def train(args: argparse.Namespace, rank: int, world: int) -> nn.Module:
+    """``args.steps`` steps of Adam on this rank's triplets; returns the trained (unwrapped) encoder."""
     x, labels = make_data(seed=0)
     torch.manual_seed(0)  # DDP broadcasts rank 0's initial weights anyway
     encoder = nn.Sequential(nn.Linear(DIM, 64), nn.ReLU(), nn.Linear(64, EMB))
-    model = DistributedDataParallel(encoder) if distributed else encoder
+    model = DistributedDataParallel(encoder) if world > 1 else encoder
     criterion = pt.InfoNCE(temperature=0.1, in_batch=True, gather_across_devices=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     g = torch.Generator().manual_seed(1000 + rank)  # each rank draws its own triplets
@@ -86,14 +74,39 @@ def main() -> None:
         optimizer.step()
 
         logged = loss.detach().clone()
-        if distributed:  # equal batches: the mean of the ranks' losses is the loss of the global batch
+        if world > 1:  # equal batches: the mean of the ranks' losses is the loss of the global batch
             dist.all_reduce(logged)
             logged /= world
         if rank == 0:
             print(f"step {step}/{args.steps}  loss {logged.item():.4f}", flush=True)
+    return encoder
 
-    if distributed:
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=32, help="triplets per rank and step")
+    parser.add_argument("--negatives", type=int, default=4, help="negatives per anchor (M)")
+    parser.add_argument("--lr", type=float, default=1e-2)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    if "RANK" not in os.environ:  # not launched by torchrun: one process, the gathering is a no-op
+        train(args, 0, 1)
+        return
+    # gloo on CPU; on GPUs use "nccl" and put the model and the batch on f"cuda:{LOCAL_RANK}".
+    dist.init_process_group("gloo")
+    try:
+        train(args, dist.get_rank(), dist.get_world_size())
+    finally:
         dist.destroy_process_group()
+    # Workaround for torch (seen with 2.13, gloo): a DistributedDataParallel instance keeps the group's worker
+    # threads alive after destroy_process_group, and one of them may still be releasing a finished collective's
+    # tensors while the interpreter shuts down, which aborts the process ("terminate called without an active
+    # exception"). Training is over and the output flushed: leave without the interpreter's shutdown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -40,48 +40,18 @@ def _check_options(loss_fn: object, chunk_size: object, engine: object, in_batch
         )
 
 
-def _run(
-    loss_fn: NTXentLoss,
-    anchors: torch.Tensor,
-    positives: torch.Tensor,
-    negatives: torch.Tensor | None,
-    *,
-    negatives_mask: torch.Tensor | None,
-    shared_negatives: torch.Tensor | None,
-    in_batch: bool,
-    positive_ids: torch.Tensor | None,
-    negative_ids: torch.Tensor | None,
-    chunk_size: int | None,
-    engine: Engine,
-    gather_across_devices: bool,
-) -> torch.Tensor:
-    _check_options(loss_fn, chunk_size, engine, in_batch, gather_across_devices)
-    check_temperature(loss_fn.temperature)
-    spec = check_inputs(
-        anchors,
-        positives,
-        negatives,
-        negatives_mask=negatives_mask,
-        shared_negatives=shared_negatives,
-        in_batch=in_batch,
-        positive_ids=positive_ids,
-        negative_ids=negative_ids,
-    )
-    return evaluate(
-        loss_fn,
-        spec,
-        anchors,
-        positives,
-        negatives,
-        negatives_mask=negatives_mask,
-        shared_negatives=shared_negatives,
-        in_batch=in_batch,
-        positive_ids=positive_ids,
-        negative_ids=negative_ids,
-        chunk_size=chunk_size,
-        engine=engine,
-        gather=gather_across_devices,
-    )
+def _loss_fn(temperature: Temperature | None, loss_fn: NTXentLoss | None) -> NTXentLoss:
+    """The user's instance, or a new ``NTXentLoss`` at ``temperature`` (default 0.07); never both."""
+    if loss_fn is not None and temperature is not None:
+        raise ValueError(
+            "pass either `temperature` or `loss_fn` (whose temperature is used), not both; got "
+            f"temperature={temperature!r} and loss_fn={type(loss_fn).__name__}(temperature={loss_fn.temperature!r})"
+        )
+    if loss_fn is not None:
+        return loss_fn
+    tau = DEFAULT_TEMPERATURE if temperature is None else temperature
+    check_temperature(tau)
+    return NTXentLoss(temperature=tau)
 
 
 def infonce(
@@ -162,17 +132,22 @@ def infonce(
         >>> torch.isclose(loss, torch.log1p(2 * torch.exp(torch.tensor(-1 / 0.5, dtype=torch.float64)))).item()
         True
     """
-    if loss_fn is not None and temperature is not None:
-        raise ValueError(
-            "pass either `temperature` or `loss_fn` (whose temperature is used), not both; got "
-            f"temperature={temperature!r} and loss_fn={type(loss_fn).__name__}(temperature={loss_fn.temperature!r})"
-        )
-    if loss_fn is None:
-        tau = DEFAULT_TEMPERATURE if temperature is None else temperature
-        check_temperature(tau)
-        loss_fn = NTXentLoss(temperature=tau)
-    return _run(
+    loss_fn = _loss_fn(temperature, loss_fn)
+    _check_options(loss_fn, chunk_size, engine, in_batch, gather_across_devices)
+    check_temperature(loss_fn.temperature)
+    spec = check_inputs(
+        anchors,
+        positives,
+        negatives,
+        negatives_mask=negatives_mask,
+        shared_negatives=shared_negatives,
+        in_batch=in_batch,
+        positive_ids=positive_ids,
+        negative_ids=negative_ids,
+    )
+    return evaluate(
         loss_fn,
+        spec,
         anchors,
         positives,
         negatives,
@@ -183,7 +158,7 @@ def infonce(
         negative_ids=negative_ids,
         chunk_size=chunk_size,
         engine=engine,
-        gather_across_devices=gather_across_devices,
+        gather=gather_across_devices,
     )
 
 
@@ -220,12 +195,7 @@ class InfoNCE(nn.Module):
         gather_across_devices: bool = False,
     ) -> None:
         super().__init__()
-        if loss_fn is not None and temperature is not None:
-            raise ValueError("pass either `temperature` or `loss_fn` (whose temperature is used), not both")
-        if loss_fn is None:
-            tau = DEFAULT_TEMPERATURE if temperature is None else temperature
-            check_temperature(tau)
-            loss_fn = NTXentLoss(temperature=tau)
+        loss_fn = _loss_fn(temperature, loss_fn)
         _check_options(loss_fn, chunk_size, engine, in_batch, gather_across_devices)
         self.loss_fn = loss_fn
         self.log_temperature: nn.Parameter | None = None
@@ -258,11 +228,11 @@ class InfoNCE(nn.Module):
         """The loss for one batch; arguments and shapes as in :func:`infonce`."""
         if self.log_temperature is not None:
             self.loss_fn.temperature = self.log_temperature.exp()
-        return _run(
-            self.loss_fn,
+        return infonce(
             anchors,
             positives,
             negatives,
+            loss_fn=self.loss_fn,
             negatives_mask=negatives_mask,
             shared_negatives=shared_negatives,
             in_batch=self.in_batch,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -66,14 +67,16 @@ def uses_dense(loss_fn: NTXentLoss, engine: Engine) -> bool:
 
 
 def auto_chunk(spec: Spec, pool_rows: int, dense: bool) -> int:
-    """Anchors per chunk so that the largest intermediate stays under a per-device budget."""
+    """Anchors per chunk so that the largest intermediate stays under a per-device budget; chunks of equal size."""
     budget = _BUDGET.get(spec.device.type, _BUDGET["cuda"])
     width = spec.m + spec.s + pool_rows  # negative candidates per anchor
-    if dense:  # one (C, K + width) block of logits
-        return max(1, min(spec.n, budget // (spec.k + width)))
-    # NTXentLoss holds (C*K) x (C*width) pair matrices and a C x (C*(K+M) + S + R) distance matrix.
-    c = math.isqrt(budget // max(1, spec.k * width + spec.k + spec.m))
-    return max(1, min(spec.n, c))
+    if dense:  # (C, K + width) logits; one chunk while all of them fit in a few budgets (no recomputation then)
+        total = spec.n * (spec.k + width)
+        size = spec.n if total <= 4 * budget else max(1, budget // (spec.k + width))
+    else:  # NTXentLoss holds (C*K) x (C*width) pair matrices and a C x (C*(K+M) + S + R) distance matrix
+        size = max(1, math.isqrt(budget // max(1, spec.k * width + spec.k + spec.m)))
+    count = -(-spec.n // size)
+    return -(-spec.n // count)
 
 
 def _similarity(distance: BaseDistance, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -231,7 +234,9 @@ def evaluate(
         size = chunk_size or auto_chunk(spec, 0 if pool is None else pool.emb.shape[0], dense)
         rows = torch.arange(n, device=spec.device) + (0 if pool is None else pool.offset)
         count = -(-n // size)
-        recompute = count > 1 and (pool is not None or sh is not None) and torch.is_grad_enabled()
+        # With several chunks, keep one chunk's intermediates alive and recompute them in the backward pass:
+        # NTXentLoss's pair matrices, or the dense (C, S + R) logits (per-anchor logits are small: kept).
+        recompute = count > 1 and torch.is_grad_enabled() and (not dense or pool is not None or sh is not None)
         columns = zip(
             torch.split(a, size),
             torch.split(p, size),
@@ -240,18 +245,12 @@ def evaluate(
             torch.split(rows, size),
             _split(pid, size, count),
         )
+        one = partial(_dense_chunk, loss_fn.distance, loss_fn.temperature) if dense else partial(_pml_chunk, loss_fn)
         losses = []
         for a_c, p_c, neg_c, ok_c, rows_c, pid_c in columns:
             pool_ok = None if pool is None else _pool_ok(pool, rows_c, pid_c)
             chunk = (a_c, p_c, neg_c, ok_c, sh, None if pool is None else pool.emb, pool_ok)
-            if dense and recompute:
-                # Keep only one chunk's (C, S + R) logits alive: recompute them in the backward pass.
-                out = checkpoint(_dense_chunk, loss_fn.distance, loss_fn.temperature, *chunk, use_reentrant=False)
-                losses.append(out)
-            elif dense:
-                losses.append(_dense_chunk(loss_fn.distance, loss_fn.temperature, *chunk))
-            else:
-                losses.append(_pml_chunk(loss_fn, *chunk))
+            losses.append(checkpoint(one, *chunk, use_reentrant=False) if recompute else one(*chunk))
         loss = reduce(loss_fn, torch.cat(losses), raw_anchors, k)
     return loss.to(spec.dtype)
 

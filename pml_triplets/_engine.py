@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +33,8 @@ __all__: list[str] = []  # private module
 
 Engine = Literal["auto", "dense", "pml"]
 ENGINES = ("auto", "dense", "pml")
-_DENSE_DISTANCES = (
-    CosineSimilarity,
-    DotProductSimilarity,
-    LpDistance,
-)  # their compute_mat broadcasts over batches
+# Distances whose compute_mat broadcasts over a leading batch dimension: the dense engine reproduces them exactly.
+_DENSE_DISTANCES = (CosineSimilarity, DotProductSimilarity, LpDistance)
 _BUDGET = {"cpu": 1 << 25, "cuda": 1 << 27}  # elements of the largest per-chunk intermediate
 
 
@@ -301,7 +298,7 @@ def _build_pool(
     offset, total = 0, n
     if gather and _distributed.world()[1] > 1:
         gathered, offset, total = _distributed.gather_rows([p, neg, mask, pid, nid, has_pid, has_nid], n)
-        p = gathered[0] if gathered[0] is not None else p
+        p = cast(torch.Tensor, gathered[0])
         neg, mask, pid, nid, has_pid, has_nid = gathered[1:]
     owners = torch.arange(total, device=dev)
     emb = [p.reshape(-1, d)]  # (total*K, d)

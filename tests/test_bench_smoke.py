@@ -6,10 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-pytest.importorskip("matplotlib")
-
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_loss.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

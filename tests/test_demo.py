@@ -11,10 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("sklearn")
-pytest.importorskip("matplotlib")
-pytest.importorskip("tqdm")
-
 import pml_triplets as pt
 from pml_triplets import demo
 

@@ -1,7 +1,8 @@
-"""Input checks shared by every public entry point.
+"""Input checks shared by every public entry point, and the one normalized batch the engines consume.
 
-Every check runs before any tensor work, and every message names the argument, the shape it expected (with the
-sizes already known filled in) and the shape it got.
+Every check runs before any tensor work, reads shapes, dtypes, devices and layouts only (never a tensor's value),
+and every message names the argument, the shape it expected (with the sizes already known filled in) and the
+shape it got -- and, on a size mismatch, which argument fixed that size.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 import torch
 
 __all__: list[str] = []  # private module
+
+Temperature = float | torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,21 @@ class Spec:
     device: torch.device
 
 
+@dataclass(frozen=True)
+class Batch:
+    """One call's data in the engines' form and working dtype (float32 for half inputs)."""
+
+    spec: Spec
+    anchors: torch.Tensor  # (N, d)
+    positives: torch.Tensor  # (N, K, d)
+    negatives: torch.Tensor | None  # (N, M, d); rows that no anchor may use are zeros
+    mask: torch.Tensor | None  # (N, M) the user's mask: which negatives exist (in-batch candidates)
+    valid: torch.Tensor | None  # (N, M) negatives of their own anchor: the mask minus id clashes
+    shared: torch.Tensor | None  # (S, d)
+    pos_ids: torch.Tensor | None  # (N, K)
+    neg_ids: torch.Tensor | None  # (N, M)
+
+
 def _shape(x: torch.Tensor) -> str:
     return "(" + ", ".join(str(v) for v in x.shape) + ("," if x.ndim == 1 else "") + ")"
 
@@ -35,6 +53,12 @@ def _shape(x: torch.Tensor) -> str:
 def _tensor(name: str, x: object) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor; got {type(x).__name__}")
+    if x.is_nested:
+        raise TypeError(f"`{name}` must be a dense tensor; got a nested tensor (pad it and pass a mask)")
+    if x.layout != torch.strided:
+        raise TypeError(f"`{name}` must be a dense tensor; got layout {x.layout} (call .to_dense())")
+    if x.device.type == "meta":
+        raise ValueError(f"`{name}` is on the meta device, which holds no values; pass real tensors")
     return x
 
 
@@ -46,34 +70,59 @@ def _floating(name: str, x: torch.Tensor) -> None:
         )
 
 
-def _ids(name: str, x: object, expected: tuple[int, ...], label: str) -> torch.Tensor:
+def _agree(name: str, t: torch.Tensor, dim: int, size: int, label: str, owner: str) -> None:
+    if t.shape[dim] != size:
+        raise ValueError(f"`{name}` has {label}={t.shape[dim]} but `{owner}` has {label}={size}; got {_shape(t)}")
+
+
+def _ids(name: str, x: object, ndims: tuple[int, ...], label: str) -> torch.Tensor:
     t = _tensor(name, x)
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"`{name}` must be an integer tensor; got dtype {t.dtype}")
-    if tuple(t.shape) != expected:
-        raise ValueError(f"`{name}` must be {label} = {list(expected)}; got {_shape(t)}")
+    if t.ndim not in ndims:
+        raise ValueError(f"`{name}` must be {label}; got {_shape(t)}")
     return t
 
 
-def check_temperature(temperature: object) -> None:
-    """Reject a temperature that is not a positive finite float or a 0-d floating tensor."""
+def check_temperature(temperature: object) -> Temperature:
+    """A positive finite number as a float, or a 0-d floating tensor.
+
+    A tensor's value is read only where that costs nothing: eagerly on the CPU. On an accelerator, and inside
+    ``torch.compile``, the check is a device-side assertion (no host synchronisation, no graph break; it raises
+    ``RuntimeError`` when the value is reached). Under ``torch.func`` transforms it is skipped.
+    """
     if isinstance(temperature, torch.Tensor):
         if temperature.ndim != 0 or not temperature.is_floating_point():
             raise TypeError(
                 "`temperature` must be a float or a 0-d floating tensor; got a tensor of shape "
                 f"{_shape(temperature)} and dtype {temperature.dtype}"
             )
-        value = float(temperature.detach())
-    elif isinstance(temperature, numbers.Real) and not isinstance(temperature, bool):
-        value = float(temperature)
-    else:
-        raise TypeError(f"`temperature` must be a float or a 0-d tensor; got {type(temperature).__name__}")
+        if transformed() or temperature.device.type == "meta":
+            return temperature
+        if temperature.device.type == "cpu" and not torch.compiler.is_compiling():
+            _check_positive(float(temperature.detach()))
+        else:
+            ok = torch.logical_and(temperature > 0, torch.isfinite(temperature))
+            torch._assert_async(ok, "`temperature` must be positive and finite")
+        return temperature
+    if isinstance(temperature, numbers.Real) and not isinstance(temperature, bool):
+        return _check_positive(float(temperature))
+    raise TypeError(f"`temperature` must be a float or a 0-d tensor; got {type(temperature).__name__}")
+
+
+def transformed() -> bool:
+    """Whether a torch.func transform (grad, vjp, vmap, ...) is active around this call."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _check_positive(value: float) -> float:
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"`temperature` must be positive and finite; got {value}")
+    return value
 
 
 def check_size(name: str, value: object) -> int:
-    """A non-negative Python int (``bool`` excluded), for sizes such as ``build_indices(N, M)``."""
+    """A non-negative integer (``numbers.Integral``, numpy's included; ``bool`` excluded), as a Python int."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"`{name}` must be an int; got {type(value).__name__}")
     if value < 0:
@@ -110,28 +159,32 @@ def check_inputs(
     if d == 0:
         raise ValueError(f"`anchors` must have d >= 1: [N, d]; got {_shape(a)}")
 
-    if p.ndim == 2 and tuple(p.shape) == (n, d):
-        k = 1
-    elif p.ndim == 3 and p.shape[0] == n and p.shape[2] == d and p.shape[1] >= 1:
-        k = p.shape[1]
-    else:
+    if p.ndim not in (2, 3):
         raise ValueError(f"`positives` must be [N, d] = [{n}, {d}] or [N, K, d] = [{n}, K, {d}]; got {_shape(p)}")
+    _agree("positives", p, 0, n, "N", "anchors")
+    _agree("positives", p, -1, d, "d", "anchors")
+    k = 1 if p.ndim == 2 else p.shape[1]
+    if k == 0:
+        raise ValueError(f"`positives` must hold K >= 1 positives per anchor: [N, K, d]; got {_shape(p)}")
 
     m = 0
     if neg is not None:
-        if neg.ndim != 3 or neg.shape[0] != n or neg.shape[2] != d:
+        if neg.ndim != 3:
             hint = ""
-            if neg.ndim == 2 and neg.shape == (n, d):
+            if neg.ndim == 2 and tuple(neg.shape) == (n, d):
                 hint = " (one negative per anchor? pass negatives.unsqueeze(1))"
             elif neg.ndim == 2 and neg.shape[1] == d:
                 hint = " (flattened negatives? pass negatives.reshape(N, M, d))"
             raise ValueError(f"`negatives` must be [N, M, d] = [{n}, M, {d}]; got {_shape(neg)}{hint}")
+        _agree("negatives", neg, 0, n, "N", "anchors")
+        _agree("negatives", neg, 2, d, "d", "anchors")
         m = neg.shape[1]
 
     s = 0
     if sh is not None:
-        if sh.ndim != 2 or sh.shape[1] != d:
+        if sh.ndim != 2:
             raise ValueError(f"`shared_negatives` must be [S, d] = [S, {d}]; got {_shape(sh)}")
+        _agree("shared_negatives", sh, 1, d, "d", "anchors")
         s = sh.shape[0]
 
     for name, t in present[1:]:
@@ -149,8 +202,10 @@ def check_inputs(
         mask = _tensor("negatives_mask", negatives_mask)
         if mask.dtype != torch.bool:
             raise TypeError(f"`negatives_mask` must be a bool tensor (True = real negative); got dtype {mask.dtype}")
-        if tuple(mask.shape) != (n, m):
+        if mask.ndim != 2:
             raise ValueError(f"`negatives_mask` must be [N, M] = [{n}, {m}]; got {_shape(mask)}")
+        _agree("negatives_mask", mask, 0, n, "N", "anchors")
+        _agree("negatives_mask", mask, 1, m, "M", "negatives")
         if mask.device != a.device:
             raise ValueError(f"`negatives_mask` is on {mask.device} but `anchors` is on {a.device}")
 
@@ -166,13 +221,16 @@ def check_inputs(
             raise ValueError(
                 "`negative_ids` needs `positive_ids`: ids only exclude candidates that share a positive's id"
             )
-        pid = _tensor("positive_ids", positive_ids)
-        expected = (n,) if (p.ndim == 2 and pid.ndim == 1) else (n, k)
-        pid = _ids("positive_ids", pid, expected, "[N]" if len(expected) == 1 else "[N, K]")
+        pid = _ids("positive_ids", positive_ids, (1, 2) if p.ndim == 2 else (2,), f"[N] or [N, K] = [{n}, {k}]")
+        _agree("positive_ids", pid, 0, n, "N", "anchors")
+        if pid.ndim == 2:
+            _agree("positive_ids", pid, 1, k, "K", "positives")
         if negative_ids is not None:
             if neg is None:
                 raise ValueError("`negative_ids` was given without `negatives`")
-            _ids("negative_ids", negative_ids, (n, m), "[N, M]")
+            nid = _ids("negative_ids", negative_ids, (2,), f"[N, M] = [{n}, {m}]")
+            _agree("negative_ids", nid, 0, n, "N", "anchors")
+            _agree("negative_ids", nid, 1, m, "M", "negatives")
         elif not in_batch:
             raise ValueError(
                 "`positive_ids` has no effect without `negative_ids` or `in_batch=True`: nothing to compare it with"
@@ -182,3 +240,61 @@ def check_inputs(
                 raise ValueError(f"`{name}` is on {ids.device} but `anchors` is on {a.device}")
 
     return Spec(n=n, k=k, m=m, s=s, d=d, dtype=a.dtype, device=a.device)
+
+
+def prepare(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor | None,
+    *,
+    negatives_mask: torch.Tensor | None,
+    shared_negatives: torch.Tensor | None,
+    in_batch: bool,
+    positive_ids: torch.Tensor | None,
+    negative_ids: torch.Tensor | None,
+    gather: bool,
+) -> Batch:
+    """Validate, then bring one call's data into the engines' form (see :class:`Batch`)."""
+    spec = check_inputs(
+        anchors,
+        positives,
+        negatives,
+        negatives_mask=negatives_mask,
+        shared_negatives=shared_negatives,
+        in_batch=in_batch,
+        positive_ids=positive_ids,
+        negative_ids=negative_ids,
+    )
+    n, k, d = spec.n, spec.k, spec.d
+    work = torch.float32 if spec.dtype in (torch.float16, torch.bfloat16) else spec.dtype
+    neg = None if negatives is None else negatives.to(work)  # (N, M, d)
+    pid = None if positive_ids is None else positive_ids.reshape(n, k)  # (N, K)
+    valid = negatives_mask
+    unused = None if negatives_mask is None else ~negatives_mask  # (N, M) rows that no anchor may use
+    if neg is not None and pid is not None and negative_ids is not None:
+        clash = (negative_ids[:, :, None] == pid[:, None, :]).any(-1)  # (N, M) same item as an own positive
+        valid = ~clash if valid is None else valid & ~clash
+        # In-batch, a clashing negative is still a candidate of the other anchors, unless they all share the id.
+        everywhere = clash if not in_batch else clash & _in_every_row(negative_ids, pid)
+        if not gather:  # other ranks' anchors are not known here: zero only what the mask rules out
+            unused = everywhere if unused is None else unused | everywhere
+    if neg is not None and unused is not None:
+        # Zero what no anchor may use, so whatever it holds (inf, NaN) reaches neither the loss nor a gradient.
+        neg = torch.where(unused[..., None], neg.new_zeros(()), neg)
+    return Batch(
+        spec=spec,
+        anchors=anchors.to(work),
+        positives=positives.to(work).reshape(n, k, d),
+        negatives=neg,
+        mask=negatives_mask,
+        valid=valid,
+        shared=None if shared_negatives is None else shared_negatives.to(work),
+        pos_ids=pid,
+        neg_ids=negative_ids,
+    )
+
+
+def _in_every_row(ids: torch.Tensor, pid: torch.Tensor) -> torch.Tensor:
+    """(N, M) bool: ``ids[i, j]`` is among the positive ids of every row of ``pid`` (N, K)."""
+    common = (pid[None, :, :] == pid[0][:, None, None]).any(-1).all(-1)  # (K,) row 0's ids held by every row
+    return ((ids[..., None] == pid[0]) & common).any(-1)

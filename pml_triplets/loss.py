@@ -13,45 +13,50 @@ import torch
 from pytorch_metric_learning.losses import NTXentLoss
 from torch import nn
 
-from ._engine import ENGINES, Engine, evaluate, uses_dense
-from ._validation import check_inputs, check_size, check_temperature
+from ._config import DEFAULT_TEMPERATURE, Config, Engine, make_config
+from ._engine import evaluate
+from ._reduce import check_reducer, reduce
+from ._validation import Temperature, prepare
 
 __all__ = ["DEFAULT_TEMPERATURE", "InfoNCE", "infonce"]
 
-DEFAULT_TEMPERATURE = 0.07
-Temperature = float | torch.Tensor
+
+def _temperature(config: Config) -> Temperature:
+    """The configured temperature, or the loss_fn's as it is now (a schedule that sets it is honoured)."""
+    if config.temperature is not None:
+        return config.temperature
+    assert config.loss_fn is not None  # make_config leaves temperature None only for a given loss_fn
+    return config.loss_fn.temperature
 
 
-def _check_options(loss_fn: object, chunk_size: object, engine: object, in_batch: object, gather: object) -> None:
-    if not isinstance(loss_fn, NTXentLoss):
-        raise TypeError(f"`loss_fn` must be a pytorch_metric_learning NTXentLoss; got {type(loss_fn).__name__}")
-    if chunk_size is not None and check_size("chunk_size", chunk_size) == 0:
-        raise ValueError("`chunk_size` must be >= 1 or None (automatic); got 0")
-    if engine not in ENGINES:
-        raise ValueError(f"`engine` must be one of {ENGINES}; got {engine!r}")
-    uses_dense(loss_fn, engine)  # type: ignore[arg-type]  # raises for a forced engine that cannot apply
-    if not isinstance(in_batch, bool):
-        raise TypeError(f"`in_batch` must be a bool; got {type(in_batch).__name__}")
-    if not isinstance(gather, bool):
-        raise TypeError(f"`gather_across_devices` must be a bool; got {type(gather).__name__}")
-    if gather and not in_batch:
-        raise ValueError(
-            "`gather_across_devices=True` needs `in_batch=True`: per-anchor and shared negatives need no gathering"
-        )
-
-
-def _loss_fn(temperature: Temperature | None, loss_fn: NTXentLoss | None) -> NTXentLoss:
-    """The user's instance, or a new ``NTXentLoss`` at ``temperature`` (default 0.07); never both."""
-    if loss_fn is not None and temperature is not None:
-        raise ValueError(
-            "pass either `temperature` or `loss_fn` (whose temperature is used), not both; got "
-            f"temperature={temperature!r} and loss_fn={type(loss_fn).__name__}(temperature={loss_fn.temperature!r})"
-        )
-    if loss_fn is not None:
-        return loss_fn
-    tau = DEFAULT_TEMPERATURE if temperature is None else temperature
-    check_temperature(tau)
-    return NTXentLoss(temperature=tau)
+def _compute(
+    config: Config,
+    tau: Temperature,
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor | None,
+    negatives_mask: torch.Tensor | None,
+    shared_negatives: torch.Tensor | None,
+    positive_ids: torch.Tensor | None,
+    negative_ids: torch.Tensor | None,
+) -> torch.Tensor:
+    """Validate, evaluate, reduce: the whole loss, for ``infonce`` and ``InfoNCE.forward`` alike."""
+    batch = prepare(
+        anchors,
+        positives,
+        negatives,
+        negatives_mask=negatives_mask,
+        shared_negatives=shared_negatives,
+        in_batch=config.in_batch,
+        positive_ids=positive_ids,
+        negative_ids=negative_ids,
+        gather=config.gather,
+    )
+    check_reducer(config, batch.spec.n, batch.spec.k)
+    with torch.autocast(batch.spec.device.type, enabled=False):  # half inputs are computed in float32
+        losses = evaluate(config, batch, tau)  # (N*K,)
+        loss = reduce(config, losses, batch.anchors, batch.spec.k)
+    return loss.to(batch.spec.dtype)
 
 
 def infonce(
@@ -78,7 +83,8 @@ def infonce(
     .. math::
         \ell_{ik} = -\log \frac{e^{s(a_i, p_{ik})/τ}}{e^{s(a_i, p_{ik})/τ} + \sum_{c \in Neg(i)} e^{s(a_i, c)/τ}}
 
-    reduced by the instance's reducer (mean over the N*K pairs by default). ``Neg(i)`` holds anchor i's unmasked
+    reduced by the instance's reducer (mean over the N*K pairs by default; ``DoNothingReducer`` gives the (N*K,)
+    per-pair losses, anchor-major). ``Neg(i)`` holds anchor i's unmasked
     negatives, every shared negative, and with ``in_batch`` every other row's positives and unmasked negatives --
     minus any candidate whose id equals one of anchor i's positive ids. An anchor left with no negatives has
     ``ℓ = 0`` and still counts in the mean.
@@ -107,9 +113,12 @@ def infonce(
         chunk_size: anchors evaluated at a time; ``None`` picks it from the sizes and the device. The value does
             not depend on it.
         engine: ``"dense"`` computes one row of logits per anchor from the instance's distance and temperature
-            (linear in the work); ``"pml"`` calls ``loss_fn.compute_loss`` on each chunk's pairs (quadratic in the
-            chunk); ``"auto"`` takes ``"dense"`` for a plain ``NTXentLoss`` with ``CosineSimilarity``,
-            ``DotProductSimilarity`` or ``LpDistance``, ``"pml"`` for anything else (subclasses, other distances).
+            (linear in the work, never capped); ``"pml"`` calls ``loss_fn.compute_loss`` on each chunk's pairs
+            and returns PML's own numbers, including its ``log(num/den + tiny)``, which caps a term at
+            ``-log(tiny)`` (87.3 in float32, 708.4 in float64) with zero gradient there; it is quadratic in the
+            chunk. ``"auto"`` takes ``"dense"`` for every ``NTXentLoss`` that computes NTXentLoss's own loss,
+            whatever its distance (subclasses of PML's distances, ``SNRDistance``, your own ``BaseDistance``), and
+            ``"pml"`` only for subclasses that override ``compute_loss`` or ``_compute_loss``.
         gather_across_devices: with ``in_batch`` under ``torch.distributed``, take every rank's positives and
             negatives (and masks and ids) as candidates, gathered with gradient. Per-anchor and shared negatives
             are never gathered: they need not be. Ranks may hold different N.
@@ -119,10 +128,12 @@ def infonce(
         Float16/bfloat16 inputs (and ``torch.autocast`` regions) are computed in float32, then cast back.
 
     Raises:
-        TypeError: a non-tensor or non-floating input, inputs of different dtypes (they are not promoted),
-            a ``loss_fn`` that is not an ``NTXentLoss``.
-        ValueError: a shape that disagrees (the message names the argument, the expected and the actual shape),
-            an empty batch, no negatives at all, a temperature <= 0, inputs on different devices.
+        TypeError: a non-tensor, non-floating, sparse or nested input, inputs of different dtypes (they are
+            not promoted), a ``loss_fn`` that is not an ``NTXentLoss``.
+        ValueError: a shape that disagrees (the message names the argument, the expected and the actual shape,
+            and which argument fixed the size), an empty batch, no negatives at all, a temperature <= 0, inputs
+            on different devices or on the meta device. A tensor temperature on an accelerator or inside
+            ``torch.compile`` is checked by a device-side assertion (``RuntimeError``), never by a host sync.
 
     Example:
         >>> import torch, pml_triplets as pt
@@ -132,33 +143,24 @@ def infonce(
         >>> torch.isclose(loss, torch.log1p(2 * torch.exp(torch.tensor(-1 / 0.5, dtype=torch.float64)))).item()
         True
     """
-    loss_fn = _loss_fn(temperature, loss_fn)
-    _check_options(loss_fn, chunk_size, engine, in_batch, gather_across_devices)
-    check_temperature(loss_fn.temperature)
-    spec = check_inputs(
-        anchors,
-        positives,
-        negatives,
-        negatives_mask=negatives_mask,
-        shared_negatives=shared_negatives,
+    config = make_config(
+        temperature=temperature,
+        loss_fn=loss_fn,
         in_batch=in_batch,
-        positive_ids=positive_ids,
-        negative_ids=negative_ids,
-    )
-    return evaluate(
-        loss_fn,
-        spec,
-        anchors,
-        positives,
-        negatives,
-        negatives_mask=negatives_mask,
-        shared_negatives=shared_negatives,
-        in_batch=in_batch,
-        positive_ids=positive_ids,
-        negative_ids=negative_ids,
         chunk_size=chunk_size,
         engine=engine,
         gather=gather_across_devices,
+    )
+    return _compute(
+        config,
+        _temperature(config),
+        anchors,
+        positives,
+        negatives,
+        negatives_mask,
+        shared_negatives,
+        positive_ids,
+        negative_ids,
     )
 
 
@@ -169,8 +171,8 @@ class InfoNCE(nn.Module):
         temperature: as in :func:`infonce` (``None`` means 0.07, or ``loss_fn.temperature``).
         loss_fn: a configured ``NTXentLoss``; registered as a submodule, so ``.to(device)`` moves it.
         learnable_temperature: own a parameter ``log_temperature`` initialised to ``log(temperature)``; the
-            temperature ``exp(log_temperature)`` stays positive. It is written into ``loss_fn.temperature`` on
-            every call.
+            temperature ``exp(log_temperature)`` stays positive. It is handed to the computation on every call;
+            nothing is ever written into ``loss_fn`` (which may be shared, copied or used on its own).
         in_batch, chunk_size, engine, gather_across_devices: as in :func:`infonce`.
 
     Example:
@@ -195,24 +197,26 @@ class InfoNCE(nn.Module):
         gather_across_devices: bool = False,
     ) -> None:
         super().__init__()
-        loss_fn = _loss_fn(temperature, loss_fn)
-        _check_options(loss_fn, chunk_size, engine, in_batch, gather_across_devices)
-        self.loss_fn = loss_fn
+        self.config = make_config(
+            temperature=temperature,
+            loss_fn=loss_fn,
+            in_batch=in_batch,
+            chunk_size=chunk_size,
+            engine=engine,
+            gather=gather_across_devices,
+        )
+        self.loss_fn = loss_fn  # a submodule when given: .to(device) moves it; never written to
         self.log_temperature: nn.Parameter | None = None
         if learnable_temperature:
-            check_temperature(loss_fn.temperature)
-            self.log_temperature = nn.Parameter(torch.tensor(math.log(float(loss_fn.temperature))))
-        self.in_batch = in_batch
-        self.chunk_size = chunk_size
-        self.engine: Engine = engine
-        self.gather_across_devices = gather_across_devices
+            start = torch.as_tensor(_temperature(self.config)).detach().double()
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(float(start))))
 
     @property
     def temperature(self) -> Temperature:
         """The temperature in use: ``exp(log_temperature)`` when learnable."""
         if self.log_temperature is not None:
             return self.log_temperature.exp()
-        return self.loss_fn.temperature
+        return _temperature(self.config)
 
     def forward(
         self,
@@ -226,24 +230,19 @@ class InfoNCE(nn.Module):
         negative_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The loss for one batch; arguments and shapes as in :func:`infonce`."""
-        if self.log_temperature is not None:
-            self.loss_fn.temperature = self.log_temperature.exp()
-        return infonce(
+        return _compute(
+            self.config,
+            self.temperature,
             anchors,
             positives,
             negatives,
-            loss_fn=self.loss_fn,
-            negatives_mask=negatives_mask,
-            shared_negatives=shared_negatives,
-            in_batch=self.in_batch,
-            positive_ids=positive_ids,
-            negative_ids=negative_ids,
-            chunk_size=self.chunk_size,
-            engine=self.engine,
-            gather_across_devices=self.gather_across_devices,
+            negatives_mask,
+            shared_negatives,
+            positive_ids,
+            negative_ids,
         )
 
     def extra_repr(self) -> str:
         learn = ", learnable" if self.log_temperature is not None else ""
         tau = float(torch.as_tensor(self.temperature).detach())
-        return f"temperature={tau:.4g}{learn}, in_batch={self.in_batch}, engine={self.engine!r}"
+        return f"temperature={tau:.4g}{learn}, in_batch={self.config.in_batch}"

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 from formula import infonce_loop
-from pytorch_metric_learning.distances import DotProductSimilarity, LpDistance, SNRDistance
+from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity, LpDistance, SNRDistance
 from pytorch_metric_learning.losses import NTXentLoss
 from pytorch_metric_learning.reducers import (
     AvgNonZeroReducer,
@@ -52,7 +52,7 @@ CONFIGS = [
     pytest.param(lambda: NTXentLoss(0.7, distance=LpDistance()), id="lp"),
     pytest.param(lambda: NTXentLoss(0.7, distance=LpDistance(normalize_embeddings=False, p=1)), id="l1-raw"),
     pytest.param(lambda: NTXentLoss(0.4, distance=LpDistance(power=2)), id="lp-squared"),
-    pytest.param(lambda: NTXentLoss(0.9, distance=SNRDistance()), id="snr-pml-engine-only"),
+    pytest.param(lambda: NTXentLoss(0.9, distance=SNRDistance()), id="snr"),
     pytest.param(lambda: NTXentLoss(0.2, reducer=AvgNonZeroReducer()), id="avg-nonzero"),
     pytest.param(lambda: NTXentLoss(0.2, reducer=ThresholdReducer(low=2.5)), id="threshold"),
     pytest.param(lambda: NTXentLoss(0.2, reducer=SumReducer()), id="sum"),
@@ -91,34 +91,32 @@ def test_configured_instance_equals_plain_pml(make, engine: str, k: int) -> None
 
 
 def test_auto_engine_choice() -> None:
-    from pml_triplets._engine import uses_dense
+    # every plain NTXentLoss is computed densely, whatever its distance; only a loss that overrides NTXentLoss's
+    # own computation goes to PML
+    from pml_triplets._config import make_config
 
-    assert uses_dense(NTXentLoss(), "auto")
-    assert uses_dense(NTXentLoss(distance=LpDistance()), "auto")
-    assert not uses_dense(NTXentLoss(distance=SNRDistance()), "auto")
+    def dense(loss_fn: NTXentLoss, engine: str = "auto") -> bool:
+        opts = dict(temperature=None, in_batch=False, chunk_size=None, gather=False)
+        return make_config(loss_fn=loss_fn, engine=engine, **opts).dense
 
     class Custom(NTXentLoss):
         def _compute_loss(self, *args):  # type: ignore[no-untyped-def]
             return super()._compute_loss(*args)
 
-    assert not uses_dense(Custom(), "auto")
-    assert not uses_dense(NTXentLoss(), "pml")
+    class MyCosine(CosineSimilarity):
+        pass
+
+    for distance in (CosineSimilarity(), MyCosine(), LpDistance(), SNRDistance(), DotProductSimilarity()):
+        assert dense(NTXentLoss(distance=distance))
+    assert not dense(Custom())
+    assert not dense(NTXentLoss(), "pml")
 
 
-@pytest.mark.parametrize(
-    "loss_fn",
-    [
-        pytest.param(NTXentLoss(distance=SNRDistance()), id="snr"),
-        pytest.param(
-            type("Sub", (NTXentLoss,), {"_compute_loss": lambda self, *a: NTXentLoss._compute_loss(self, *a)})(),
-            id="subclass",
-        ),
-    ],
-)
-def test_forced_dense_engine_rejects_what_it_cannot_reproduce(loss_fn: NTXentLoss) -> None:
+def test_forced_dense_engine_rejects_a_loss_it_cannot_reproduce() -> None:
     a, p, neg = data()
-    with pytest.raises(ValueError, match=r"`engine='dense'` reproduces a plain NTXentLoss"):
-        pt.infonce(a, p, neg, loss_fn=loss_fn, engine="dense")
+    sub = type("Sub", (NTXentLoss,), {"_compute_loss": lambda self, *a: NTXentLoss._compute_loss(self, *a)})()
+    with pytest.raises(ValueError, match=r"`engine='dense'` computes NTXentLoss's own loss; Sub overrides it"):
+        pt.infonce(a, p, neg, loss_fn=sub, engine="dense")
 
 
 def test_subclass_goes_through_pml() -> None:

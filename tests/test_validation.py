@@ -30,12 +30,12 @@ SHAPE_ERRORS = [
     ),
     pytest.param(
         {"positives": torch.randn(N + 1, D)},
-        r"`positives` must be \[N, d\] = \[4, 5\].*got \(5, 5\)",
+        r"`positives` has N=5 but `anchors` has N=4; got \(5, 5\)",
         id="positives-N",
     ),
     pytest.param(
         {"positives": torch.randn(N, D + 1)},
-        r"`positives` must be .*\[4, 5\].*got \(4, 6\)",
+        r"`positives` has d=6 but `anchors` has d=5; got \(4, 6\)",
         id="positives-d",
     ),
     pytest.param(
@@ -50,10 +50,14 @@ SHAPE_ERRORS = [
     ),
     pytest.param(
         {"negatives": torch.randn(N + 1, M, D)},
-        r"`negatives` must be \[N, M, d\] = \[4, M, 5\]; got \(5, 3, 5\)",
+        r"`negatives` has N=5 but `anchors` has N=4; got \(5, 3, 5\)",
         id="negatives-N",
     ),
-    pytest.param({"negatives": torch.randn(N, M, D + 2)}, r"`negatives` must be .*got \(4, 3, 7\)", id="negatives-d"),
+    pytest.param(
+        {"negatives": torch.randn(N, M, D + 2)},
+        r"`negatives` has d=7 but `anchors` has d=5; got \(4, 3, 7\)",
+        id="negatives-d",
+    ),
     pytest.param({"negatives": torch.randn(N, 0, D)}, r"no negatives.*got \(4, 0, 5\)", id="M-zero"),
     pytest.param({"negatives": None}, r"no negatives.*got None", id="negatives-none"),
     pytest.param({"temperature": 0.0}, r"`temperature` must be positive.*got 0.0", id="temperature-zero"),
@@ -61,17 +65,17 @@ SHAPE_ERRORS = [
     pytest.param({"temperature": float("nan")}, r"`temperature` must be positive and finite", id="temperature-nan"),
     pytest.param(
         {"negatives_mask": torch.ones(N, M + 1, dtype=torch.bool)},
-        r"`negatives_mask` must be \[N, M\] = \[4, 3\]; got \(4, 4\)",
+        r"`negatives_mask` has M=4 but `negatives` has M=3; got \(4, 4\)",
         id="mask-shape",
     ),
     pytest.param(
         {"shared_negatives": torch.randn(7, D + 1)},
-        r"`shared_negatives` must be \[S, d\] = \[S, 5\]; got \(7, 6\)",
+        r"`shared_negatives` has d=6 but `anchors` has d=5; got \(7, 6\)",
         id="shared-d",
     ),
     pytest.param(
         {"positive_ids": torch.zeros(N + 1, dtype=torch.long), "in_batch": True},
-        r"`positive_ids` must be \[N\] = \[4\]; got \(5,\)",
+        r"`positive_ids` has N=5 but `anchors` has N=4; got \(5,\)",
         id="pos-ids-shape",
     ),
     pytest.param(
@@ -79,7 +83,7 @@ SHAPE_ERRORS = [
             "positive_ids": torch.zeros(N, dtype=torch.long),
             "negative_ids": torch.zeros(N, M + 1, dtype=torch.long),
         },
-        r"`negative_ids` must be \[N, M\] = \[4, 3\]; got \(4, 4\)",
+        r"`negative_ids` has M=4 but `negatives` has M=3; got \(4, 4\)",
         id="neg-ids-shape",
     ),
     pytest.param(
@@ -177,9 +181,8 @@ def test_devices_differ() -> None:
         call(positives=torch.randn(N, D, device="cuda"))
 
 
-def test_devices_differ_meta() -> None:
-    # the meta device stands in for a second device on a CPU-only machine
-    with pytest.raises(ValueError, match=r"`negatives` is on meta but `anchors` is on cpu"):
+def test_meta_device_is_rejected() -> None:
+    with pytest.raises(ValueError, match=r"`negatives` is on the meta device"):
         call(negatives=torch.randn(N, M, D, device="meta"))
 
 

@@ -1,0 +1,88 @@
+"""The similarity ``s`` of a PML distance, on the blocks the dense engine needs, linear in the pairs it compares.
+
+NT-Xent enters a distance negated (``s = -d``) and a similarity as it is, after ``distance.maybe_normalize`` and
+``** distance.power`` -- exactly what ``BaseDistance.forward`` computes, but only for the pairs asked for:
+
+* ``rows(q, r)``: ``q`` (C, d) against its own rows ``r`` (C, M, d) -> (C, M) (an anchor's positives, its negatives);
+* ``block(q, r)``: ``q`` (C, d) against every row of ``r`` (R, d) -> (C, R) (shared and in-batch candidates).
+
+``compute_mat`` is only ever called on 2-D inputs (PML before 2.9 rejects 3-D ones); for a distance the module does
+not know, ``rows`` maps it over the anchors with ``torch.vmap``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning.distances import BaseDistance, DotProductSimilarity, LpDistance
+
+__all__: list[str] = []  # private module
+
+Kind = Literal["dot", "lp", "generic"]
+
+
+@dataclass(frozen=True)
+class Similarity:
+    """How to compute ``s`` for one distance; ``distance=None`` is the default cosine similarity."""
+
+    distance: BaseDistance | None
+    kind: Kind
+
+    @classmethod
+    def of(cls, distance: BaseDistance | None) -> Similarity:
+        if distance is None:
+            return cls(None, "dot")
+        mat = type(distance).compute_mat
+        kind: Kind = (
+            "dot" if mat is DotProductSimilarity.compute_mat else "lp" if mat is LpDistance.compute_mat else "generic"
+        )
+        return cls(distance, kind)
+
+    @property
+    def linear(self) -> bool:
+        """``s(q, r) = <q, r>`` on normalized inputs: ``1/τ`` can be folded into the anchors."""
+        return self.kind == "dot" and (self.distance is None or self.distance.power == 1)
+
+    @property
+    def normalizes(self) -> bool:
+        return self.distance is None or bool(self.distance.normalize_embeddings)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows normalized as the distance would (over the last dim), or ``x`` unchanged."""
+        if self.distance is None:
+            return F.normalize(x, dim=-1)
+        return self.distance.maybe_normalize(x, dim=-1)
+
+    def _finish(self, mat: torch.Tensor) -> torch.Tensor:
+        if self.distance is None:
+            return mat
+        if self.distance.power != 1:
+            mat = mat**self.distance.power
+        return mat if self.distance.is_inverted else -mat
+
+    def rows(self, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """``s(q[c], r[c, j])`` for normalized ``q`` (C, d) and ``r`` (C, J, d) -> (C, J)."""
+        if self.kind == "dot":
+            mat = torch.bmm(r, q[:, :, None]).squeeze(-1)  # (C, J)
+        elif self.kind == "lp":
+            assert self.distance is not None
+            mat = torch.cdist(q[:, None], r, p=self.distance.p).squeeze(1)  # (C, J)
+        else:
+            assert self.distance is not None
+            mat = torch.vmap(self.distance.compute_mat)(q[:, None], r).squeeze(1)  # (C, J)
+        return self._finish(mat)
+
+    def block(self, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """``s(q[c], r[j])`` for normalized ``q`` (C, d) and ``r`` (R, d) -> (C, R)."""
+        if self.kind == "dot":
+            mat = q @ r.T
+        elif self.kind == "lp":
+            assert self.distance is not None
+            mat = torch.cdist(q, r, p=self.distance.p)
+        else:
+            assert self.distance is not None
+            mat = self.distance.compute_mat(q, r)
+        return self._finish(mat)

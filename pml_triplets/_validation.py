@@ -12,10 +12,12 @@ import numbers
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 __all__: list[str] = []  # private module
 
 Temperature = float | torch.Tensor
+Guide = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class Batch:
     shared: torch.Tensor | None  # (S, d)
     pos_ids: torch.Tensor | None  # (N, K)
     neg_ids: torch.Tensor | None  # (N, M)
+    guide: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None  # unit rows, no grad: (N, g),
+    # (N, K, g), (N, M, g)
 
 
 def _shape(x: torch.Tensor) -> str:
@@ -253,6 +257,8 @@ def prepare(
     positive_ids: torch.Tensor | None,
     negative_ids: torch.Tensor | None,
     gather: bool,
+    guide: object = None,
+    filtering: bool = False,
 ) -> Batch:
     """Validate, then bring one call's data into the engines' form (see :class:`Batch`)."""
     spec = check_inputs(
@@ -265,6 +271,7 @@ def prepare(
         positive_ids=positive_ids,
         negative_ids=negative_ids,
     )
+    guides = _check_guide(guide, spec, positives, filtering, shared_negatives is not None)
     n, k, d = spec.n, spec.k, spec.d
     work = torch.float32 if spec.dtype in (torch.float16, torch.bfloat16) else spec.dtype
     neg = None if negatives is None else negatives.to(work)  # (N, M, d)
@@ -291,7 +298,48 @@ def prepare(
         shared=None if shared_negatives is None else shared_negatives.to(work),
         pos_ids=pid,
         neg_ids=negative_ids,
+        guide=None if guides is None else _unit(guides, n, k, work),
     )
+
+
+def _unit(
+    guides: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], n: int, k: int, work: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Guide embeddings as detached unit rows in the working dtype, positives as (N, K, g)."""
+    ga, gp, gn = (None if g is None else F.normalize(g.detach().to(work), dim=-1) for g in guides)
+    assert ga is not None and gp is not None
+    return ga, gp.reshape(n, k, -1), gn
+
+
+def _check_guide(
+    guide: object, spec: Spec, positives: torch.Tensor, filtering: bool, shared: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """``guide = (anchors [N, g], positives [N, g] or [N, K, g], negatives [N, M, g] or None)``, any width g."""
+    if guide is None:
+        return None
+    if not filtering:
+        raise ValueError("`guide` has no effect without `false_negative_margin`: pass both, or neither")
+    if not isinstance(guide, (tuple, list)) or len(guide) != 3:
+        raise TypeError("`guide` must be a 3-tuple (anchors, positives, negatives or None) of guide embeddings")
+    if shared:
+        raise ValueError("`guide` holds no embeddings of `shared_negatives`: filter without a guide, or drop them")
+    names = ("guide[0] (anchors)", "guide[1] (positives)", "guide[2] (negatives)")
+    ga = _tensor(names[0], guide[0])
+    gp = _tensor(names[1], guide[1])
+    gn = None if guide[2] is None else _tensor(names[2], guide[2])
+    if (gn is None) != (spec.m == 0):
+        raise ValueError(f"`{names[2]}` must be given exactly when `negatives` is: [N, M, g] = [{spec.n}, {spec.m}, g]")
+    g = ga.shape[-1]
+    expected = [(names[0], ga, (spec.n, g)), (names[1], gp, (*positives.shape[:-1], g))]
+    if gn is not None:
+        expected.append((names[2], gn, (spec.n, spec.m, g)))
+    for name, t, shape in expected:
+        _floating(name, t)
+        if tuple(t.shape) != shape or g == 0:
+            raise ValueError(f"`{name}` must be {list(shape)} (the data's sizes, any width g >= 1); got {_shape(t)}")
+        if t.device != spec.device:
+            raise ValueError(f"`{name}` is on {t.device} but `anchors` is on {spec.device}")
+    return ga, gp, gn
 
 
 def _in_every_row(ids: torch.Tensor, pid: torch.Tensor) -> torch.Tensor:

@@ -13,10 +13,10 @@ import torch
 from pytorch_metric_learning.losses import NTXentLoss
 from torch import nn
 
-from ._config import DEFAULT_TEMPERATURE, Config, Engine, make_config
+from ._config import DEFAULT_TEMPERATURE, Config, Engine, HardnessMode, MarginStrategy, Partition, make_config
 from ._engine import evaluate
 from ._reduce import check_reducer, reduce
-from ._validation import Temperature, prepare
+from ._validation import Guide, Temperature, prepare
 
 __all__ = ["DEFAULT_TEMPERATURE", "InfoNCE", "infonce"]
 
@@ -39,6 +39,7 @@ def _compute(
     shared_negatives: torch.Tensor | None,
     positive_ids: torch.Tensor | None,
     negative_ids: torch.Tensor | None,
+    guide: Guide | None,
 ) -> torch.Tensor:
     """Validate, evaluate, reduce: the whole loss, for ``infonce`` and ``InfoNCE.forward`` alike."""
     batch = prepare(
@@ -51,6 +52,8 @@ def _compute(
         positive_ids=positive_ids,
         negative_ids=negative_ids,
         gather=config.gather,
+        guide=guide,
+        filtering=config.retrieval.margin is not None,
     )
     check_reducer(config, batch.spec.n, batch.spec.k)
     with torch.autocast(batch.spec.device.type, enabled=False):  # half inputs are computed in float32
@@ -74,6 +77,13 @@ def infonce(
     chunk_size: int | None = None,
     engine: Engine = "auto",
     gather_across_devices: bool = False,
+    directions: tuple[str, ...] = ("anchor_to_positive",),
+    partition: Partition = "joint",
+    hardness_mode: HardnessMode = None,
+    hardness_strength: float = 0.0,
+    false_negative_margin: float | None = None,
+    margin_strategy: MarginStrategy = "absolute",
+    guide: Guide | None = None,
 ) -> torch.Tensor:
     r"""InfoNCE of each anchor against its positive(s) and negatives, through PML's ``NTXentLoss``.
 
@@ -150,6 +160,12 @@ def infonce(
         chunk_size=chunk_size,
         engine=engine,
         gather=gather_across_devices,
+        directions=directions,
+        partition=partition,
+        hardness_mode=hardness_mode,
+        hardness_strength=hardness_strength,
+        false_negative_margin=false_negative_margin,
+        margin_strategy=margin_strategy,
     )
     return _compute(
         config,
@@ -161,6 +177,7 @@ def infonce(
         shared_negatives,
         positive_ids,
         negative_ids,
+        guide,
     )
 
 
@@ -195,6 +212,12 @@ class InfoNCE(nn.Module):
         chunk_size: int | None = None,
         engine: Engine = "auto",
         gather_across_devices: bool = False,
+        directions: tuple[str, ...] = ("anchor_to_positive",),
+        partition: Partition = "joint",
+        hardness_mode: HardnessMode = None,
+        hardness_strength: float = 0.0,
+        false_negative_margin: float | None = None,
+        margin_strategy: MarginStrategy = "absolute",
     ) -> None:
         super().__init__()
         self.config = make_config(
@@ -204,6 +227,12 @@ class InfoNCE(nn.Module):
             chunk_size=chunk_size,
             engine=engine,
             gather=gather_across_devices,
+            directions=directions,
+            partition=partition,
+            hardness_mode=hardness_mode,
+            hardness_strength=hardness_strength,
+            false_negative_margin=false_negative_margin,
+            margin_strategy=margin_strategy,
         )
         self.loss_fn = loss_fn  # a submodule when given: .to(device) moves it; never written to
         self.log_temperature: nn.Parameter | None = None
@@ -228,6 +257,7 @@ class InfoNCE(nn.Module):
         shared_negatives: torch.Tensor | None = None,
         positive_ids: torch.Tensor | None = None,
         negative_ids: torch.Tensor | None = None,
+        guide: Guide | None = None,
     ) -> torch.Tensor:
         """The loss for one batch; arguments and shapes as in :func:`infonce`."""
         return _compute(
@@ -240,6 +270,7 @@ class InfoNCE(nn.Module):
             shared_negatives,
             positive_ids,
             negative_ids,
+            guide,
         )
 
     def extra_repr(self) -> str:

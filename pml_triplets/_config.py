@@ -51,6 +51,7 @@ class Retrieval:
 
 
 _PLAIN = Retrieval()
+_DEFAULTS = ((A2P,), "joint", None, 0.0, None, "absolute")  # make_config's defaults: the plain loss, no checks
 
 
 @dataclass(frozen=True)
@@ -133,14 +134,19 @@ def make_config(
             reduction = "none"
         elif type(reducer) is not MeanReducer or regularizer is not None:
             reduction = "pml"
-    retrieval = _retrieval(
-        in_batch=bool(in_batch),
-        directions=directions,
-        partition=partition,
-        hardness_mode=hardness_mode,
-        hardness_strength=hardness_strength,
-        margin=false_negative_margin,
-        margin_strategy=margin_strategy,
+    defaults = (directions, partition, hardness_mode, hardness_strength, false_negative_margin, margin_strategy)
+    retrieval = (
+        _PLAIN
+        if defaults == _DEFAULTS
+        else _retrieval(
+            in_batch=bool(in_batch),
+            directions=directions,
+            partition=partition,
+            hardness_mode=hardness_mode,
+            hardness_strength=hardness_strength,
+            margin=false_negative_margin,
+            margin_strategy=margin_strategy,
+        )
     )
     if not retrieval.plain and not (plain and engine != "pml"):
         raise ValueError(

@@ -91,13 +91,21 @@ class Rows:
     p: torch.Tensor  # (C, K, d)
     neg: torch.Tensor | None  # (C, M, d) own negatives; None in-batch (they are in the pool)
     valid: torch.Tensor | None  # (C, M)
-    rows: torch.Tensor  # (C,) global rows
+    rows: torch.Tensor | None  # (C,) global rows, where a pool needs them
     pid: torch.Tensor | None  # (C, K)
     ga: torch.Tensor | None = None  # (C, g) guide embeddings, unit rows, for false-negative filtering
     gp: torch.Tensor | None = None  # (C, K, g)
     gn: torch.Tensor | None = None  # (C, M, g)
 
+    @property
+    def global_rows(self) -> torch.Tensor:
+        if self.rows is None:
+            raise RuntimeError("global rows are only built for in-batch candidates")
+        return self.rows
+
     def split(self, size: int) -> list[Rows]:
+        if size >= self.a.shape[0]:
+            return [self]
         parts = [[None] * -(-self.a.shape[0] // size) if x is None else torch.split(x, size) for x in self._fields()]
         return [Rows(*chunk) for chunk in zip(*parts, strict=True)]
 
@@ -162,8 +170,8 @@ def _dense_chunk(config: Config, k: int, tau: Temperature, r: Rows, ctx: Context
     pool = ctx.pool
     if pool is not None:
         cand = logits(sim.block(qa, pool.emb))  # (C, R): every row's positives and negatives, own included
-        own_pos = _own_columns(r.rows, k)  # (C, K)
-        own_neg = _own_negative_columns(r.rows, pool, k)  # (C, M)
+        own_pos = _own_columns(r.global_rows, k)  # (C, K)
+        own_neg = _own_negative_columns(r.global_rows, pool, k)  # (C, M)
         if opt.hardness_mode in ("in_batch", "all"):
             kept = cand.gather(1, own_neg) if opt.hardness_mode == "in_batch" else None
             cand = harden(cand, ("in_batch", "all"))
@@ -182,18 +190,18 @@ def _dense_chunk(config: Config, k: int, tau: Temperature, r: Rows, ctx: Context
 
     parts = {A2P: _combine(a2p, r.a, fill)}  # direction -> (C, K) log-sum-exp of its negatives
     if A2A in opt.directions and ctx.anchors is not None:
-        aa = logits(sim.block(qa, ctx.anchors)).scatter_(1, r.rows[:, None], fill)  # (C, T), not itself
+        aa = logits(sim.block(qa, ctx.anchors)).scatter_(1, r.global_rows[:, None], fill)  # (C, T), not itself
         g_aa = None if ctx.g_anchors is None or r.ga is None else r.ga @ ctx.g_anchors.T
         parts[A2A] = _lse(aa, g_aa, limit, fill)
     if P2A in opt.directions and ctx.anchors is not None:
         pa = logits(sim.block(qp.flatten(0, 1), ctx.anchors)).unflatten(0, (-1, k))  # (C, K, T)
-        pa = pa.scatter(2, r.rows[:, None, None].expand(-1, k, 1), fill)  # own anchor: the positive pair, below
+        pa = pa.scatter(2, r.global_rows[:, None, None].expand(-1, k, 1), fill)  # own anchor: the positive pair, below
         if limit is not None and ctx.g_anchors is not None and r.gp is not None:
             pa = pa.masked_fill(r.gp @ ctx.g_anchors.T > limit[..., None], fill)
         parts[P2A] = torch.logsumexp(pa, dim=2)
     if P2P in opt.directions and pool is not None:
         pp = logits(sim.block(qp.flatten(0, 1), pool.emb)).unflatten(0, (-1, k))  # (C, K, R)
-        own_docs = torch.cat([_own_columns(r.rows, k), _own_negative_columns(r.rows, pool, k)], dim=1)
+        own_docs = torch.cat([_own_columns(r.global_rows, k), _own_negative_columns(r.global_rows, pool, k)], dim=1)
         pp = pp.scatter(2, own_docs[:, None, :].expand(-1, k, -1), fill)  # other rows' docs only
         excluded = _excluded(pool, r.pid)
         if excluded is not None:
@@ -268,7 +276,7 @@ def _pml_chunk(loss_fn: NTXentLoss, k: int, r: Rows, ctx: Context) -> torch.Tens
     pool = ctx.pool
     if pool is not None:
         ok = torch.ones(c, pool.emb.shape[0], dtype=torch.bool, device=dev)
-        ok.scatter_(1, _own_columns(r.rows, k), False)
+        ok.scatter_(1, _own_columns(r.global_rows, k), False)
         excluded = _excluded(pool, r.pid)
         if excluded is not None:
             ok &= ~excluded
@@ -311,12 +319,12 @@ def evaluate(config: Config, batch: Batch, tau: Temperature) -> torch.Tensor:
         sh = None if sh is None else sim.normalize(sh)
 
     ctx = Context(shared=sh, pool=None, g_shared=g_shared)
-    rows = torch.arange(spec.n, device=spec.device)
+    rows = None
     if config.in_batch:
         ctx = _in_batch_context(batch, a, p, neg, guide, config.gather, A2A in opt.directions or P2A in opt.directions)
         ctx = Context(sh, ctx.pool, ctx.anchors, g_shared, ctx.g_pool, ctx.g_anchors)
         assert ctx.pool is not None
-        rows = rows + ctx.pool.offset
+        rows = torch.arange(spec.n, device=spec.device) + ctx.pool.offset
     g_a, g_p, g_n = (None, None, None) if guide is None else guide
     own_neg, own_valid, own_gn = (None, None, None) if config.in_batch else (neg, batch.valid, g_n)
     rows_all = Rows(a, p, own_neg, own_valid, rows, batch.pos_ids, g_a, g_p, own_gn)

@@ -274,7 +274,7 @@ def prepare(
     guides = _check_guide(guide, spec, positives, filtering, shared_negatives is not None)
     n, k, d = spec.n, spec.k, spec.d
     work = torch.float32 if spec.dtype in (torch.float16, torch.bfloat16) else spec.dtype
-    neg = None if negatives is None else negatives.to(work)  # (N, M, d)
+    neg = None if negatives is None else negatives.to(work)  # (N, M, d); no copy when already in `work`
     pid = None if positive_ids is None else positive_ids.reshape(n, k)  # (N, K)
     valid = negatives_mask
     unused = None if negatives_mask is None else ~negatives_mask  # (N, M) rows that no anchor may use

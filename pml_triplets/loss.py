@@ -16,7 +16,7 @@ from torch import nn
 from ._config import DEFAULT_TEMPERATURE, Config, Engine, HardnessMode, MarginStrategy, Partition, make_config
 from ._engine import evaluate
 from ._reduce import check_reducer, reduce
-from ._validation import Guide, Temperature, prepare
+from ._validation import Batch, Guide, Temperature, prepare
 
 __all__ = ["DEFAULT_TEMPERATURE", "InfoNCE", "infonce"]
 
@@ -56,10 +56,16 @@ def _compute(
         filtering=config.retrieval.margin is not None,
     )
     check_reducer(config, batch.spec.n, batch.spec.k)
-    with torch.autocast(batch.spec.device.type, enabled=False):  # half inputs are computed in float32
-        losses = evaluate(config, batch, tau)  # (N*K,)
-        loss = reduce(config, losses, batch.anchors, batch.spec.k)
-    return loss.to(batch.spec.dtype)
+    device = batch.spec.device.type
+    if torch.is_autocast_enabled(device):  # half inputs are computed in float32, so is everything under autocast
+        with torch.autocast(device, enabled=False):
+            return _evaluate_and_reduce(config, batch, tau)
+    return _evaluate_and_reduce(config, batch, tau)
+
+
+def _evaluate_and_reduce(config: Config, batch: Batch, tau: Temperature) -> torch.Tensor:
+    losses = evaluate(config, batch, tau)  # (N*K,)
+    return reduce(config, losses, batch.anchors, batch.spec.k).to(batch.spec.dtype)
 
 
 def infonce(

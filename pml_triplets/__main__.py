@@ -1,35 +1,53 @@
-"""Command line: ``python -m pml_triplets check`` and ``python -m pml_triplets demo``."""
+"""Command line: ``python -m pml_triplets {check,demo}`` (also installed as the ``pml-triplets`` script)."""
 
 from __future__ import annotations
 
+import argparse
 import sys
+from pathlib import Path
+
+from . import __version__, check, demo
 
 __all__ = ["main"]
 
-USAGE = """usage: python -m pml_triplets {check,demo} [options]
 
-  check   compare the adapter with the reference formula on every available device and dtype
-  demo    train a small embedder on scikit-learn's digits with predefined triplets (needs the `demo` extra)
-
-Run `python -m pml_triplets COMMAND --help` for the options of each."""
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="InfoNCE on predefined (anchor, positive, negatives) triplets, through pytorch-metric-learning.",
+        epilog=f"Run '{prog} COMMAND --help' for the options of each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"pml_triplets {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
+    for name, module in (("check", check), ("demo", demo)):
+        sub = commands.add_parser(
+            name,
+            help=module.SUMMARY,
+            description=module.DESCRIPTION,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        module.add_arguments(sub)
+        sub.set_defaults(execute=module.execute)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if args else 2
-    command, rest = args[0], args[1:]
-    if command == "check":
-        from .check import main as check_main
+    """Parse ``argv`` (default ``sys.argv[1:]``) and run the command; return the exit status.
 
-        return check_main(rest)
-    if command == "demo":
-        from .demo import main as demo_main
-
-        return demo_main(rest)
-    print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-    return 2
+    No command prints the help to stderr and returns 2; ``--help`` and ``--version`` return 0, a usage error 2.
+    """
+    # The name the user typed: the console script, or the module.
+    prog = "pml-triplets" if Path(sys.argv[0]).stem == "pml-triplets" else "python -m pml_triplets"
+    parser = _parser(prog)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error (already printed)
+        return exc.code if isinstance(exc.code, int) else 2
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    status: int = args.execute(args)
+    return status
 
 
 if __name__ == "__main__":

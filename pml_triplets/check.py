@@ -1,87 +1,309 @@
-"""``python -m pml_triplets check``: the adapter against the reference on every available device and dtype."""
+"""``python -m pml_triplets check``: :func:`pml_triplets.infonce` against the float64 reference formula.
+
+For every available device and dtype, and for each option of the loss (per-anchor negatives, a mask, K positives,
+shared negatives, in-batch negatives with ids), the value and the gradients with respect to every embedding input
+are compared with :func:`pml_triplets.reference_infonce` and its autograd gradients, in float64, evaluated on the
+*same* inputs: half-precision inputs are rounded first, and the reference sees the rounded values. The only error
+left is then the computation's, and the tolerances below bound it.
+
+Tolerances. Let ``u`` be the unit roundoff (``eps / 2``) of the precision the loss is computed in: float64 for
+float64 inputs, float32 for everything else (half-precision inputs are upcast, computed, and cast back). A logit is
+a cosine similarity (a sum of ``d`` products, ``|s| <= 1``) divided by ``τ``; a loss term is a log-sum-exp over the
+``T`` logits of one anchor (its positive and its candidates). Rounding errors of a sum of ``n`` terms grow like
+``sqrt(n) * u`` (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., sec. 2.8), so with a safety
+factor ``C = 4``::
+
+    |Δ loss|                 <= C * sqrt(d + T) * u * (|loss| + 1/τ)      # logits are at most 1/τ in size
+    max|Δ ∇x| / max|∇x ref|  <= C * sqrt(d + T) * u * (1 + 1/τ)           # softmax weights carry the logits' error
+
+Half precision adds exactly one rounding of the float32 result to the output dtype: at most half a unit in the
+last place of the value, ``ulp(loss) / 2 <= (eps / 2) * |loss|``, and ``(eps / 2) * max|∇x|`` per gradient element,
+with ``eps`` the dtype's (bfloat16: ``eps / 2 = 2**-8 ≈ 0.39 %``; float16: ``2**-11 ≈ 0.05 %``). A 1 % error in
+the value is at least 1.28 units in the last place of bfloat16 (an ulp is at most ``eps * |x| ≈ 0.78 %``), so the
+rounded faulty value lands at least one ulp from the correctly rounded one, beyond the half-ulp bound unless the
+reference sits within float32 noise of a rounding midpoint; ``tests/test_check.py`` shows it failing every dtype.
+"""
 
 from __future__ import annotations
 
 import argparse
 import math
 from collections.abc import Callable
-from functools import partial
+from dataclasses import dataclass, field, replace
 
 import torch
 from pytorch_metric_learning.losses import NTXentLoss
 
-from .indices import build_indices, concat_embeddings
-from .loss import infonce
-from .reference import reference_infonce
+from . import DEFAULT_TEMPERATURE, build_indices, concat_embeddings, infonce, reference_infonce
 
-__all__ = ["main", "run_checks"]
+__all__ = ["Row", "add_arguments", "execute", "main", "report", "run_checks"]
 
-# Allowed |value - reference| relative to the reference, by input dtype (half precision rounds the result).
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+SUMMARY = "compare pml_triplets.infonce with the float64 reference formula on every available device and dtype"
+DESCRIPTION = (
+    "Compare pml_triplets.infonce (its default and pml engines) and plain NTXentLoss + build_indices with the "
+    "float64 reference formula, value and gradients, for per-anchor negatives, a mask, K positives, shared "
+    "negatives and in-batch negatives with ids, on every available device and dtype. Exits 1 if any row fails."
+)
+SAFETY = 4.0  # the constant C of the module docstring
+HALF = (torch.float16, torch.bfloat16)
 
 
-def _cases(device: str) -> list[torch.dtype]:
+@dataclass(frozen=True)
+class Row:
+    """One comparison: a loss evaluated by ``method`` on ``case``'s inputs in ``dtype`` on ``device``.
+
+    Attributes:
+        value, reference: the loss and the float64 reference on the same (rounded) inputs.
+        value_error, value_tolerance: ``|value - reference|`` and its bound.
+        grad_error, grad_tolerance: the largest ``max|∇x - ∇x ref| / max|∇x ref|`` over the inputs ``x``, and its
+            bound.
+        error: the exception the method raised, if any (the row then fails).
+    """
+
+    device: str
+    dtype: str
+    case: str
+    method: str
+    value: float = math.nan
+    reference: float = math.nan
+    value_error: float = math.nan
+    value_tolerance: float = 0.0
+    grad_error: float = math.nan
+    grad_tolerance: float = 0.0
+    error: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        """Both errors finite and within their tolerances, and no exception."""
+        return (
+            self.error is None and self.value_error <= self.value_tolerance and self.grad_error <= self.grad_tolerance
+        )
+
+
+@dataclass(frozen=True)
+class _Case:
+    """Inputs of one comparison: float64 embeddings (rounded to each dtype later) and the other options."""
+
+    name: str
+    embeddings: dict[str, torch.Tensor]
+    options: dict[str, object] = field(default_factory=dict)
+
+    def candidates(self) -> int:
+        """T: the most logits in one anchor's softmax (its positive and its candidate negatives)."""
+        n, m = self.embeddings["negatives"].shape[:2]
+        k = self.embeddings["positives"].shape[1] if self.embeddings["positives"].ndim == 3 else 1
+        s = len(self.embeddings.get("shared_negatives", ()))
+        in_batch = (n - 1) * (k + m) if self.options.get("in_batch") else 0
+        return 1 + m + s + in_batch
+
+
+def _cases(n: int, m: int, d: int, seed: int) -> list[_Case]:
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    a, p, neg = randn(n, d), randn(n, d), randn(n, m, d)
+    # Masked slots hold near-copies of their anchor: a loss that ignored the mask would move a lot.
+    mask = torch.rand(n, m, generator=gen) > 0.3
+    mask[0] = False  # an anchor with no negatives at all: its term is 0
+    masked_neg = torch.where(mask[..., None], neg, a[:, None] + 0.1 * randn(n, m, d))
+    # Anchors 2j and 2j+1 share their two positive ids, so neither meets the other's positives; some negatives
+    # carry an id of their own anchor's positives (false negatives, dropped) or of another anchor's.
+    pos_ids = 2 * (torch.arange(n)[:, None] // 2) + torch.arange(2)  # (N, 2)
+    neg_ids = torch.randint(0, 2 * n, (n, m), generator=gen)
+    neg_ids[::3, 0] = pos_ids[::3, 0]
+    return [
+        _Case("plain", {"anchors": a, "positives": p, "negatives": neg}),
+        _Case("mask", {"anchors": a, "positives": p, "negatives": masked_neg}, {"negatives_mask": mask}),
+        _Case("K=3 positives", {"anchors": a, "positives": randn(n, 3, d), "negatives": neg}),
+        _Case("shared negatives", {"anchors": a, "positives": p, "negatives": neg, "shared_negatives": randn(m, d)}),
+        _Case(
+            "in-batch+ids+mask,K=2",
+            {"anchors": a, "positives": randn(n, 2, d), "negatives": masked_neg},
+            {"negatives_mask": mask, "in_batch": True, "positive_ids": pos_ids, "negative_ids": neg_ids},
+        ),
+    ]
+
+
+def _dtypes(device: str) -> list[torch.dtype]:
     if device == "cpu":
         return [torch.float64, torch.float32, torch.bfloat16]
     return [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
-def run_checks(n: int = 16, m: int = 8, d: int = 32, seed: int = 0) -> list[dict[str, object]]:
-    """One row per (device, dtype, method): the loss, the float64 reference on the same rounded inputs, the verdict.
+def _half_ulp(x: float, dtype: torch.dtype) -> float:
+    """Half a unit in the last place of ``x`` in ``dtype``: the largest error of rounding ``x`` to it."""
+    info = torch.finfo(dtype)
+    binade = 2.0 ** math.floor(math.log2(max(abs(x), info.tiny)))
+    return binade * info.eps / 2
 
-    Methods: ``infonce`` (default engine), ``infonce[pml]`` (chunks through ``NTXentLoss.compute_loss``) and
-    ``NTXentLoss+build_indices`` (plain PML over ``concat_embeddings``).
+
+def _tolerances(case: _Case, dtype: torch.dtype, reference: float, tau: float) -> tuple[float, float]:
+    """``(value, relative gradient)`` tolerances; see the module docstring."""
+    d = case.embeddings["anchors"].shape[1]
+    u = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps / 2
+    growth = SAFETY * math.sqrt(d + case.candidates()) * u
+    value_tol, grad_tol = growth * (abs(reference) + 1 / tau), growth * (1 + 1 / tau)
+    if dtype in HALF:  # one rounding of the float32 result to the output dtype
+        value_tol += _half_ulp(reference, dtype)
+        grad_tol += torch.finfo(dtype).eps / 2
+    return value_tol, grad_tol
+
+
+Method = Callable[[dict[str, torch.Tensor], dict[str, object]], torch.Tensor]
+
+
+def _methods(case: _Case, dtype: torch.dtype, tau: float) -> dict[str, Method]:
+    """The ways of computing the loss compared on ``case``; calls go through the module-level ``infonce``."""
+
+    def default(x: dict[str, torch.Tensor], opt: dict[str, object]) -> torch.Tensor:
+        return infonce(**x, **opt, temperature=tau)  # type: ignore[arg-type]
+
+    def pml(x: dict[str, torch.Tensor], opt: dict[str, object]) -> torch.Tensor:
+        return infonce(**x, **opt, temperature=tau, engine="pml")  # type: ignore[arg-type]
+
+    def recipe(x: dict[str, torch.Tensor], opt: dict[str, object]) -> torch.Tensor:
+        n, m = x["negatives"].shape[:2]
+        emb = concat_embeddings(x["anchors"], x["positives"], x["negatives"])
+        return NTXentLoss(temperature=tau)(emb, indices_tuple=build_indices(n, m, device=emb.device))
+
+    methods: dict[str, Method] = {"infonce": default, "infonce[pml]": pml}
+    # Plain PML over build_indices covers only [N, d] positives and [N, M, d] negatives, and computes in the
+    # inputs' dtype (half precision included, where the bounds above do not hold): float32 and float64 only.
+    if case.name == "plain" and dtype not in HALF:
+        methods["NTXentLoss+build_indices"] = recipe
+    return methods
+
+
+def _loss_and_grads(
+    method: Method, inputs: dict[str, torch.Tensor], options: dict[str, object]
+) -> tuple[float, dict[str, torch.Tensor]]:
+    """``method`` on fresh leaves copied from ``inputs``; an input that gets no gradient gets zeros."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    value = method(leaves, options)
+    grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+    zeros_if_none = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)}
+    return float(value.detach()), zeros_if_none
+
+
+def _grad_error(grads: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
+    """``max over x of max|∇x - ∇x ref| / max|∇x ref|``; NaN if any gradient holds a NaN (which fails)."""
+    errors = [
+        float((grads[k].cpu().double() - r).abs().max()) / max(float(r.abs().max()), 1e-300) for k, r in ref.items()
+    ]
+    return math.nan if any(math.isnan(e) for e in errors) else max(errors)
+
+
+def run_checks(n: int = 16, m: int = 8, d: int = 32, seed: int = 0) -> list[Row]:
+    """Compare every method with the reference on every case, device and dtype; one :class:`Row` each.
+
+    Args:
+        n: anchors N.
+        m: negatives per anchor M.
+        d: embedding size d.
+        seed: seed of the random embeddings.
     """
-    gen = torch.Generator().manual_seed(seed)
-    base = [torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((n, d), (n, d), (n, m, d))]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the matrices are tiny: on a busy machine, intra-op threads made this 5x slower
+    try:
+        return _run_checks(n, m, d, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_checks(n: int, m: int, d: int, seed: int) -> list[Row]:
+    tau = DEFAULT_TEMPERATURE
+
+    def reference(x: dict[str, torch.Tensor], opt: dict[str, object]) -> torch.Tensor:
+        return reference_infonce(**x, **opt, temperature=tau)  # type: ignore[arg-type]
+
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    rows: list[dict[str, object]] = []
+    references: dict[tuple[str, torch.dtype], tuple[float, dict[str, torch.Tensor]]] = {}
+    rows = []
     for device in devices:
-        for dtype in _cases(device):
-            a, p, neg = (x.to(device=device, dtype=dtype) for x in base)
-            ref = float(reference_infonce(a.double(), p.double(), neg.double()))
-            methods: dict[str, Callable[[], torch.Tensor]] = {
-                "infonce": partial(infonce, a, p, neg),
-                "infonce[pml]": partial(infonce, a, p, neg, engine="pml"),
-                "NTXentLoss+build_indices": partial(
-                    NTXentLoss(), concat_embeddings(a, p, neg), indices_tuple=build_indices(n, m, device=device)
-                ),
-            }
-            for name, fn in methods.items():
-                value = float(fn())
-                diff = abs(value - ref)
-                ok = math.isfinite(value) and diff <= TOLERANCE[dtype] * max(1.0, abs(ref))
-                rows.append(
-                    {
-                        "device": device,
-                        "dtype": str(dtype).removeprefix("torch."),
-                        "method": name,
-                        "value": value,
-                        "reference": ref,
-                        "diff": diff,
-                        "pass": ok,
-                    }
-                )
+        for dtype in _dtypes(device):
+            for case in _cases(n, m, d, seed):
+                rounded = {k: v.to(dtype) for k, v in case.embeddings.items()}
+                if (case.name, dtype) not in references:  # once per case and dtype, on the CPU, in float64
+                    f64 = {k: v.double() for k, v in rounded.items()}
+                    references[case.name, dtype] = _loss_and_grads(reference, f64, case.options)
+                ref, ref_grads = references[case.name, dtype]
+                value_tol, grad_tol = _tolerances(case, dtype, ref, tau)
+                inputs = {k: v.to(device) for k, v in rounded.items()}
+                options = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.options.items()}
+                where = Row(device, str(dtype).removeprefix("torch."), case.name, method="")
+                for name, method in _methods(case, dtype, tau).items():
+                    try:
+                        value, grads = _loss_and_grads(method, inputs, options)
+                    except Exception as exc:  # a method that raises fails its row, and the others still run
+                        rows.append(replace(where, method=name, error=f"{type(exc).__name__}: {exc}"))
+                        continue
+                    rows.append(
+                        replace(
+                            where,
+                            method=name,
+                            value=value,
+                            reference=ref,
+                            value_error=abs(value - ref),
+                            value_tolerance=value_tol,
+                            grad_error=_grad_error(grads, ref_grads),
+                            grad_tolerance=grad_tol,
+                        )
+                    )
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Print the table; return 0 when every row passes, 1 otherwise."""
-    parser = argparse.ArgumentParser(prog="python -m pml_triplets check", description=__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``check``, for its own parser and for the ``python -m pml_triplets`` subcommand."""
     parser.add_argument("--n", type=int, default=16, help="anchors N")
     parser.add_argument("--m", type=int, default=8, help="negatives per anchor M")
     parser.add_argument("--d", type=int, default=32, help="embedding size d")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    rows = run_checks(args.n, args.m, args.d, args.seed)
-    header = f"{'device':<7}{'dtype':<10}{'method':<26}{'value':>14}{'reference':>14}{'|difference|':>14}  pass"
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random embeddings")
+
+
+def execute(args: argparse.Namespace) -> int:
+    """Run the checks that ``args`` (from :func:`add_arguments`) describe and :func:`report` them."""
+    return report(run_checks(args.n, args.m, args.d, args.seed))
+
+
+def report(rows: list[Row]) -> int:
+    """Print the table; return 0 when every row passes, 1 otherwise."""
+    header = (
+        f"{'device':<7}{'dtype':<10}{'case':<23}{'method':<26}{'loss':>12}{'reference':>12}"
+        f"{'|d loss|':>10}{'tol':>9}{'grad err':>10}{'tol':>9}  pass"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
-            f"{r['device']:<7}{r['dtype']:<10}{r['method']:<26}{r['value']:>14.8f}{r['reference']:>14.8f}"
-            f"{r['diff']:>14.2e}  {'yes' if r['pass'] else 'NO'}"
+            f"{r.device:<7}{r.dtype:<10}{r.case:<23}{r.method:<26}{r.value:>12.6f}{r.reference:>12.6f}"
+            f"{r.value_error:>10.1e}{r.value_tolerance:>9.1e}{r.grad_error:>10.1e}{r.grad_tolerance:>9.1e}"
+            f"  {'yes' if r.passed else 'NO'}"
         )
-    failed = sum(not r["pass"] for r in rows)
+    print(
+        "\nloss, reference: the method and the float64 formula on the same (rounded) inputs; "
+        "grad err: max over anchors, positives,\nnegatives (and shared negatives) of max|grad - grad ref| / "
+        "max|grad ref|; tol: the bounds derived in pml_triplets/check.py."
+    )
+    for r in rows:
+        if r.error is not None:
+            print(f"{r.device} {r.dtype} {r.case} {r.method} raised {r.error}")
+    failed = sum(not r.passed for r in rows)
     print(f"\n{len(rows) - failed} passed, {failed} failed")
     return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pml_triplets check [options]``; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pml_triplets check",
+        description=DESCRIPTION,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_arguments(parser)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error (already printed)
+        return exc.code if isinstance(exc.code, int) else 2
+    return execute(args)

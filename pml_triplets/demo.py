@@ -13,12 +13,14 @@ The building blocks are public so that ``notebooks/train_digits.ipynb`` reuses t
     evaluate(embed(model, split.x_test), split.y_test)  # {"precision_at_1": ..., "mean_average_precision_at_r": ...}
 
 matplotlib, tqdm and scikit-learn (the ``demo`` extra) are imported inside the functions that need them, so this
-module imports without them; ``import pml_triplets`` never imports this module.
+module imports without them (``import pml_triplets`` never imports it); :func:`main` checks for all three before
+any work and names the missing ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import sys
 import time
@@ -45,9 +47,11 @@ __all__ = [
     "NegativeMode",
     "Objective",
     "Triplets",
+    "add_arguments",
     "article_recipe_loss",
     "embed",
     "evaluate",
+    "execute",
     "format_table",
     "hard_negative_pool",
     "load_digits_split",
@@ -285,7 +289,8 @@ def train(
         seed: seed of the triplets and the anchor order (the weights are seeded by :func:`make_embedder`).
         objective: ``"infonce"`` (:func:`pml_triplets.infonce`) or ``"article-recipe"``
             (:func:`article_recipe_loss`, mis-paired).
-        progress: show a tqdm bar with the running epoch loss.
+        progress: report each epoch's mean loss on stderr: a tqdm bar when stderr is a terminal, otherwise one
+            line per epoch (``epoch 3/20  loss 0.1234``), which logs and notebooks keep readable.
 
     Returns:
         The loss of every step (:class:`History`).
@@ -298,10 +303,10 @@ def train(
     if mode == "hard":
         pool = hard_negative_pool(x, labels, min(HARD_POOL_FACTOR * negatives, _fewest_other_class(labels)))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    bar = _progress(epochs, progress)
+    bar = _progress_bar(epochs) if progress and sys.stderr.isatty() else None
     losses: list[float] = []
     model.train()
-    for _ in bar:
+    for e in range(1, epochs + 1):
         trip = make_triplets(labels, negatives, mode=mode, generator=generator, pool=pool)
         epoch = []
         for rows in torch.randperm(n, generator=generator).split(batch_size):
@@ -311,8 +316,14 @@ def train(
             optimizer.step()
             epoch.append(loss.item())
         losses += epoch
-        bar.set_postfix(loss=f"{math.fsum(epoch) / len(epoch):.4f}")
-    bar.close()
+        mean = math.fsum(epoch) / len(epoch)
+        if bar is not None:
+            bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
+            bar.update()
+        elif progress:
+            print(f"epoch {e}/{epochs}  loss {mean:.4f}", file=sys.stderr, flush=True)
+    if bar is not None:
+        bar.close()
     model.eval()
     return History(losses, math.ceil(n / batch_size))
 
@@ -390,19 +401,24 @@ def plot_loss(ax: Axes, history: History) -> None:
 
 
 def plot_projection(ax: Axes, embeddings: torch.Tensor, labels: torch.Tensor, title: str = "") -> None:
-    """Scatter of the 2-D PCA of the L2-normalised ``[N, d]`` embeddings, coloured by class, digits at centroids."""
-    from matplotlib.patheffects import withStroke
+    """Scatter of the 2-D PCA of the L2-normalised ``[N, d]`` embeddings, one colour per class, and a legend of the
+    classes outside the axes on the right (labels drawn at the class centroids pile up where classes are mixed)."""
+    from matplotlib import colormaps
 
     xy = pca_2d(torch.nn.functional.normalize(embeddings.float(), dim=1))
-    ax.scatter(xy[:, 0].tolist(), xy[:, 1].tolist(), c=labels.tolist(), cmap="tab10", vmin=-0.5, vmax=9.5, s=7)
+    colours = colormaps["tab10"]
     for c in labels.unique().tolist():
-        cx, cy = xy[labels == c].mean(dim=0).tolist()
-        halo = [withStroke(linewidth=3, foreground="white")]
-        ax.text(cx, cy, str(c), fontsize=13, weight="bold", ha="center", va="center", path_effects=halo)
+        pts = xy[labels == c]
+        ax.scatter(pts[:, 0].tolist(), pts[:, 1].tolist(), color=colours(c % 10), s=7, label=str(c))
+    ax.legend(
+        title="digit", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, markerscale=2.5, fontsize=9
+    )
     ax.set(xlabel="PC 1", ylabel="PC 2", title=title or "held-out embeddings (PCA)")
 
 
-def save_figure(history: History, embeddings: torch.Tensor, labels: torch.Tensor, path: str | Path) -> Path:
+def save_figure(
+    history: History, embeddings: torch.Tensor, labels: torch.Tensor, path: str | Path, title: str = ""
+) -> Path:
     """Write a PNG with the loss curve and the held-out projection, side by side (Agg; pyplot is not touched).
 
     Args:
@@ -410,6 +426,7 @@ def save_figure(history: History, embeddings: torch.Tensor, labels: torch.Tensor
         embeddings: ``[N, d]`` held-out embeddings.
         labels: ``[N]``.
         path: the PNG to write; its directory is created.
+        title: the figure's title (none if empty).
 
     Returns:
         ``path`` as a ``Path``.
@@ -419,6 +436,8 @@ def save_figure(history: History, embeddings: torch.Tensor, labels: torch.Tensor
 
     fig = Figure(figsize=(11, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
+    if title:
+        fig.suptitle(title)
     ax_loss, ax_proj = fig.subplots(1, 2)
     plot_loss(ax_loss, history)
     plot_projection(ax_proj, embeddings, labels)
@@ -429,16 +448,79 @@ def save_figure(history: History, embeddings: torch.Tensor, labels: torch.Tensor
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pml_triplets demo``: train on digits, print held-out metrics, write a PNG.
+    """``python -m pml_triplets demo [options]``: train on digits, print held-out metrics, write a PNG.
 
     Returns:
-        0 on success, 2 for bad arguments.
+        0 on success, 2 for bad arguments or a missing ``demo`` extra.
     """
-    parser = _parser()
+    parser = argparse.ArgumentParser(
+        prog="python -m pml_triplets demo",
+        description=DESCRIPTION,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_arguments(parser)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error (already printed)
         return exc.code if isinstance(exc.code, int) else 2
+    return execute(args)
+
+
+SUMMARY = "train a small embedder on scikit-learn's digits with predefined triplets (needs the demo extra)"
+DESCRIPTION = (
+    "Train a 64-128-64 MLP on scikit-learn's handwritten digits with InfoNCE on predefined triplets "
+    "(pml_triplets.infonce), print held-out precision@1 and MAP@R for raw pixels, the untrained and the trained "
+    "network, and write the loss curve and a 2-D projection to DIR/digits_demo.png. "
+    'Needs the demo extra: pip install "pml-triplets[demo]".'
+)
+# The demo extra of pyproject.toml: the module each distribution provides.
+EXTRA = {"matplotlib": "matplotlib", "tqdm": "tqdm", "sklearn": "scikit-learn"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``demo``, for its own parser and for the ``python -m pml_triplets`` subcommand.
+
+    ``--hard`` and ``--random`` set one option, ``mode``; only ``--hard``, the default, says so.
+    """
+    p.add_argument("--epochs", type=_positive_int, default=EPOCHS, help="passes over the training anchors")
+    p.add_argument("--negatives", "-m", metavar="M", type=_positive_int, default=NEGATIVES, help="negatives per anchor")
+    p.set_defaults(mode="hard")  # before the two flags, whose own default is SUPPRESS: no "(default: ...)" on each
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--hard",
+        dest="mode",
+        action="store_const",
+        const="hard",
+        default=argparse.SUPPRESS,
+        help=f"hard negatives: drawn from each anchor's {HARD_POOL_FACTOR}*M nearest other-class images in pixel "
+        "space (the default)",
+    )
+    mode.add_argument(
+        "--random",
+        dest="mode",
+        action="store_const",
+        const="random",
+        default=argparse.SUPPRESS,
+        help="random negatives: drawn uniformly from all images of other classes",
+    )
+    p.add_argument("--temperature", type=_positive_float, default=TEMPERATURE, help="InfoNCE temperature")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, triplets and batch order")
+    p.add_argument("--out", metavar="DIR", default="demo_out", help="directory for the PNG")
+    p.add_argument("--batch-size", type=_positive_int, default=BATCH_SIZE, help="anchors per step")
+    p.add_argument("--lr", type=_positive_float, default=LR, help="Adam learning rate")
+    # One thread: the matrices are tiny, and on a busy machine spinning intra-op threads cost up to 10x.
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch intra-op threads")
+
+
+def execute(args: argparse.Namespace) -> int:
+    """Run the demo that ``args`` (from :func:`add_arguments`) describe; 2 if the ``demo`` extra is missing."""
+    missing = [f"{module} (from {dist})" for module, dist in EXTRA.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        print(
+            f'error: the demo needs its extra: pip install "pml-triplets[demo]"; missing: {", ".join(missing)}',
+            file=sys.stderr,
+        )
+        return 2
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -457,7 +539,7 @@ def _run(args: argparse.Namespace) -> int:
         f"digits: {len(split.y_train)} train / {len(split.y_test)} held-out images; MLP 64-128-64; "
         f"{args.mode} negatives, M={args.negatives}, temperature={args.temperature}, "
         f"{args.epochs} epochs, seed={args.seed}",
-        flush=True,  # before tqdm writes to stderr
+        flush=True,  # before the progress report on stderr
     )
     model = make_embedder(seed=args.seed)
     rows = {
@@ -481,41 +563,15 @@ def _run(args: argparse.Namespace) -> int:
     rows["trained MLP"] = evaluate(emb, split.y_test)
     print(f"\nHeld-out retrieval ({len(split.y_test)} images, each querying the others; cosine similarity):")
     print(format_table(rows))
-    path = save_figure(history, emb, split.y_test, Path(args.out) / "digits_demo.png")
+    scores = rows["trained MLP"]
+    title = (
+        f"digits: {args.mode} negatives, M = {args.negatives}, τ = {args.temperature:g}, {args.epochs} epochs; "
+        f"held-out precision@1 = {scores['precision_at_1']:.4f}, MAP@R = {scores['mean_average_precision_at_r']:.4f}"
+    )
+    path = save_figure(history, emb, split.y_test, Path(args.out) / "digits_demo.png", title=title)
     print(f"\nfinal epoch loss {history.epoch_losses[-1]:.4f}; figure written to {path}")
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m pml_triplets demo",
-        description="Train a 64-128-64 MLP on scikit-learn's digits with InfoNCE on predefined triplets "
-        "(pml_triplets.infonce) and report held-out precision@1 and MAP@R.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--epochs", type=_positive_int, default=EPOCHS, help="passes over the training anchors")
-    p.add_argument("--negatives", "-m", type=_positive_int, default=NEGATIVES, help="negatives per anchor M")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--hard",
-        dest="mode",
-        action="store_const",
-        const="hard",
-        help=f"negatives drawn from each anchor's {HARD_POOL_FACTOR}*M nearest other-class images (pixel space)",
-    )
-    mode.add_argument(
-        "--random", dest="mode", action="store_const", const="random", help="negatives drawn from all other classes"
-    )
-    p.set_defaults(mode="hard")
-    p.add_argument("--temperature", type=_positive_float, default=TEMPERATURE, help="InfoNCE temperature")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights, triplets and batch order")
-    p.add_argument("--out", default="demo_out", help="directory for the PNG")
-    p.add_argument("--batch-size", type=_positive_int, default=BATCH_SIZE, help="anchors per step")
-    p.add_argument("--lr", type=_positive_float, default=LR, help="Adam learning rate")
-    # One thread: the matrices are tiny, and on a busy machine spinning intra-op threads cost up to 10x.
-    p.add_argument("--threads", type=_positive_int, default=1, help="torch intra-op threads")
-    return p
 
 
 def _positive_int(text: str) -> int:
@@ -532,11 +588,11 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _progress(epochs: int, enabled: bool) -> tqdm[int]:
-    """A tqdm bar over epochs (tqdm is imported here: it is an optional dependency)."""
+def _progress_bar(epochs: int) -> tqdm[int]:
+    """A tqdm bar over epochs on stderr (tqdm is imported here: it is an optional dependency)."""
     from tqdm import tqdm
 
-    return tqdm(range(epochs), desc="training", unit="epoch", disable=not enabled)
+    return tqdm(total=epochs, desc="training", unit="epoch", file=sys.stderr)
 
 
 def _step_loss(

@@ -1,40 +1,123 @@
-"""`python -m pml_triplets check` prints its table and fails on a mismatch."""
+"""The command line: subcommands, ``--version``, help texts, exit statuses, the console script."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
+from importlib.metadata import version
+from pathlib import Path
 
 import pytest
-import torch
 
-from pml_triplets import check
+import pml_triplets as pt
+from pml_triplets import check, demo
 from pml_triplets.__main__ import main
 
 
-def test_check_passes_and_prints_table(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["check", "--n", "5", "--m", "3", "--d", "4"]) == 0
-    out = capsys.readouterr().out
-    assert "|difference|" in out and "float64" in out and "bfloat16" in out
-    assert " 0 failed" in out and " NO" not in out
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"pml_triplets {version('pml-triplets')}\n"
+    assert pt.__version__ == version("pml-triplets")
 
 
-def test_check_fails_on_mismatch(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    real = check.infonce
-    monkeypatch.setattr(check, "infonce", lambda *a, **k: real(*a, **k) * (1 + 1e-3))
-    assert main(["check", "--n", "5", "--m", "3", "--d", "4"]) == 1
-    assert " NO" in capsys.readouterr().out
-
-
-def test_check_covers_every_device_and_dtype() -> None:
-    rows = check.run_checks(4, 2, 3)
-    devices = {r["device"] for r in rows}
-    assert devices == ({"cpu", "cuda"} if torch.cuda.is_available() else {"cpu"})
-    assert {r["dtype"] for r in rows if r["device"] == "cpu"} == {"float64", "float32", "bfloat16"}
+def test_no_command_prints_help_to_stderr_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("usage: python -m pml_triplets [-h] [--version] COMMAND ...")
+    assert "check " in err and "demo " in err
 
 
 def test_module_entry_point() -> None:
-    done = subprocess.run([sys.executable, "-m", "pml_triplets"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "usage: python -m pml_triplets" in done.stdout
-    done = subprocess.run([sys.executable, "-m", "pml_triplets", "nope"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "unknown command 'nope'" in done.stderr
+    """The real ``python -m pml_triplets``, in a subprocess: no command is a usage error."""
+    done = subprocess.run([sys.executable, "-m", "pml_triplets"], capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith("usage: python -m pml_triplets [-h] [--version] COMMAND ...")
+
+
+def test_unknown_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["nope"]) == 2
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [pytest.param([], id="top"), ["check"], ["demo"]])
+def test_help_texts_are_clean(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*argv, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: {' '.join(['python -m pml_triplets', *argv])} ")
+    assert "``" not in out and ":func:" not in out  # no raw docstrings
+    if argv:
+        assert "(default: " in out
+
+
+def test_check_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # undo the wrapping, which depends on the terminal width
+    for text in ("anchors N (default: 16)", "negatives per anchor M (default: 8)", "embedding size d (default: 32)"):
+        assert text in out
+
+
+def test_demo_help_names_one_default_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "[--hard | --random]" in out
+    hard = out[out.index("--hard hard negatives") : out.index("--random random negatives")]
+    random = out[out.index("--random random negatives") : out.index("--temperature TEMPERATURE InfoNCE")]
+    assert hard.endswith("(the default) ")
+    assert "default" not in random
+    assert "(default: hard)" not in out
+    assert "--epochs EPOCHS passes over the training anchors (default: 20)" in out
+    assert 'pip install "pml-triplets[demo]"' in out
+
+
+def test_subcommands_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[argparse.Namespace] = []
+
+    def record(args: argparse.Namespace) -> int:
+        seen.append(args)
+        return 7
+
+    monkeypatch.setattr(demo, "execute", record)
+    monkeypatch.setattr(check, "execute", record)
+    assert main(["demo", "--epochs", "3", "--random"]) == 7
+    assert main(["demo"]) == 7
+    assert main(["check", "--n", "5"]) == 7
+    assert (seen[0].epochs, seen[0].mode) == (3, "random")
+    assert (seen[1].epochs, seen[1].mode, seen[1].negatives) == (demo.EPOCHS, "hard", demo.NEGATIVES)
+    assert (seen[2].n, seen[2].m) == (5, 8)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--hard", "--random"], "argument --random: not allowed with argument --hard"),
+        (["demo", "--epochs", "0"], "argument --epochs: must be >= 1; got 0"),
+        (["check", "--m", "x"], "argument --m: invalid int value: 'x'"),
+    ],
+)
+def test_usage_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_check_command_prints_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--n", "5", "--m", "3", "--d", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "|d loss|" in out and "grad err" in out and "bfloat16" in out and "in-batch+ids+mask,K=2" in out
+    assert " 0 failed" in out and " NO" not in out
+
+
+SCRIPT = Path(sys.executable).with_name("pml-triplets")
+
+
+def test_usage_names_the_console_script(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/pml-triplets"])
+    assert main(["demo", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: pml-triplets demo ")
+
+
+@pytest.mark.skipif(not SCRIPT.exists(), reason=f"console script not installed next to {sys.executable}")
+def test_console_script() -> None:
+    done = subprocess.run([str(SCRIPT), "--version"], capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stdout) == (0, f"pml_triplets {version('pml-triplets')}\n")

@@ -47,7 +47,17 @@ def test_split_is_stratified_and_fixed(split: demo.DigitsSplit) -> None:
 
 
 @pytest.mark.parametrize("flag", ["--hard", "--random"])
-def test_main_short_run(tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str) -> None:
+def test_main_short_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, flag: str
+) -> None:
+    titles: list[str] = []
+    save_figure = demo.save_figure
+
+    def record_title(history: demo.History, emb: torch.Tensor, labels: torch.Tensor, path: Path, title: str) -> Path:
+        titles.append(title)
+        return save_figure(history, emb, labels, path, title=title)
+
+    monkeypatch.setattr(demo, "save_figure", record_title)
     code = demo.main(["--epochs", "2", "--negatives", "4", flag, "--out", str(tmp_path), "--seed", "1"])
     out, err = capsys.readouterr()
     assert code == 0
@@ -56,7 +66,81 @@ def test_main_short_run(tmp_path: Path, capsys: pytest.CaptureFixture[str], flag
     assert str(png) in out
     for name in ("raw pixels", "untrained MLP", "trained MLP"):
         assert set(table_row(out, name)) == set(demo.METRICS)
-    assert "loss=" in err  # the tqdm postfix
+    # stderr is not a terminal here: one plain line per epoch, no bar redrawn with carriage returns.
+    assert re.fullmatch(r"epoch 1/2  loss [0-9.]+\nepoch 2/2  loss [0-9.]+\n", err), err
+    # The figure's title carries M, the temperature, the epochs and the held-out scores printed in the table.
+    trained = table_row(out, "trained MLP")
+    assert titles == [
+        f"digits: {flag[2:]} negatives, M = 4, τ = 0.1, 2 epochs; held-out precision@1 = "
+        f"{trained['precision_at_1']:.4f}, MAP@R = {trained['mean_average_precision_at_r']:.4f}"
+    ]
+
+
+def test_progress_bar_only_on_a_terminal(
+    split: demo.DigitsSplit, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x, y = split.x_train[:200], split.y_train[:200]
+    demo.train(demo.make_embedder(), x, y, epochs=2, negatives=2, mode="random", progress=True)
+    assert "\r" not in capsys.readouterr().err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    demo.train(demo.make_embedder(), x, y, epochs=2, negatives=2, mode="random", progress=True)
+    err = capsys.readouterr().err
+    assert "\r" in err and "training: 100%" in err and "loss=" in err  # tqdm's bar and postfix
+    assert "epoch 1/2" not in err
+    demo.train(demo.make_embedder(), x, y, epochs=1, negatives=2, mode="random")  # progress=False: silent
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("module", "dist"), [("matplotlib", "matplotlib"), ("tqdm", "tqdm"), ("sklearn", "scikit-learn")]
+)
+def test_missing_extra_stops_before_any_work(
+    module: str, dist: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # what importlib.util.find_spec reports for a missing module
+
+    def no_work() -> None:
+        raise AssertionError("the demo started work without its extra")
+
+    monkeypatch.setattr(demo, "load_digits_split", no_work)
+    assert demo.main(["--out", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert (
+        err == f'error: the demo needs its extra: pip install "pml-triplets[demo]"; missing: {module} (from {dist})\n'
+    )
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_missing_extra_through_the_command_line() -> None:
+    """matplotlib is the one part of the extra that can be missing for real: PML itself needs tqdm and sklearn."""
+    code = (
+        "import sys; sys.modules['matplotlib'] = None; "
+        "from pml_triplets.__main__ import main; raise SystemExit(main(['demo']))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == (
+        'error: the demo needs its extra: pip install "pml-triplets[demo]"; missing: matplotlib (from matplotlib)\n'
+    )
+
+
+def test_projection_legend_labels_do_not_overlap(split: demo.DigitsSplit) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    demo.plot_projection(ax, demo.embed(demo.make_embedder(), split.x_test), split.y_test)  # classes mixed
+    legend = ax.get_legend()
+    assert legend is not None and [t.get_text() for t in legend.get_texts()] == [str(c) for c in range(10)]
+    assert len(ax.texts) == 0  # no labels drawn at the centroids
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    boxes = [t.get_window_extent(renderer) for t in legend.get_texts()]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    assert not legend.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))  # beside the points
 
 
 def test_main_restores_thread_count(tmp_path: Path) -> None:
@@ -88,6 +172,7 @@ def test_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert "python -m pml_triplets demo" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_default_run_meets_targets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The default configuration (a few seconds on one core) must reach the advertised held-out quality."""
     assert demo.main(["--out", str(tmp_path)]) == 0

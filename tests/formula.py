@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import torch
 
+A2P, P2A, A2A, P2P = "anchor_to_positive", "positive_to_anchor", "anchor_to_anchor", "positive_to_positive"
+# which kinds of A2P negatives each hardness_mode penalizes (shared negatives only under "all")
+HARDNESS_KINDS = {None: set(), "in_batch": {"in_batch"}, "own": {"own"}, "all": {"own", "in_batch", "shared"}}
+
 
 def similarity(kind: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """s(x, y) for 1-D float64 vectors: cosine, raw dot, or minus the Euclidean distance."""
@@ -45,12 +49,52 @@ def infonce_loop(
     neg_ids: torch.Tensor | None = None,
     sim: str = "cosine",
     reduction: str = "mean",
+    directions: tuple[str, ...] = (A2P,),
+    partition: str = "joint",
+    hardness_mode: str | None = None,
+    hardness_strength: float = 0.0,
+    false_negative_margin: float | None = None,
+    margin_strategy: str = "absolute",
+    guide: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Mean (or list, with reduction="none") over (anchor i, positive k) of the InfoNCE term.
 
-    Candidates of anchor i: its unmasked negatives; every shared negative; with in_batch, every other row's
-    positives and unmasked negatives; minus any candidate whose id equals one of anchor i's positive ids.
+    P = s(a_i, p_ik)/τ. The "docs" of row j are its K positives and its unmasked negatives. Candidate blocks of
+    the pair (i, k), each a list of logits:
+
+    - anchor_to_positive (A2P): s(a_i, c)/τ for anchor i's unmasked negatives ("own"), every shared negative
+      ("shared") and, with in_batch, every other row's docs ("in_batch"); minus any candidate whose id equals one
+      of anchor i's positive ids. P is in this block's softmax.
+    - positive_to_anchor (P2A): s(a_j, p_ik)/τ for every row j, j = i included (that entry is P again).
+    - anchor_to_anchor (A2A): s(a_i, a_j)/τ for j ≠ i.
+    - positive_to_positive (P2P): s(p_ik, c)/τ for c in every other row's docs, minus id clashes as in A2P.
+
+    partition="joint": ℓ = logsumexp(P, all selected blocks) − P (so with P2A the positive pair is twice in the
+    denominator, as in sentence-transformers). partition="per_direction": ℓ = mean over the selected directions
+    of logsumexp(P ∪ A2P) − P and logsumexp(P2A) − P.
+
+    hardness_mode adds hardness_strength · s(a_i, c).detach() (raw, not divided by τ) to A2P negative logits
+    only: "in_batch" to other rows' docs, "own" to the anchor's own negatives, "all" to both *and* to the
+    shared negatives (shared negatives are penalized under "all" only).
+
+    false_negative_margin: g = cosine of the guide embeddings (of the detached embeddings when guide is None),
+    t = g(a_i, p_ik) − margin ("absolute") or g(a_i, p_ik) − |g(a_i, p_ik)|·margin ("relative"); in each block a
+    candidate c is dropped when g(x, c) > t, with x = a_i in A2P and A2A and x = p_ik in P2A and P2P. The pair
+    (a_i, p_ik) itself is never dropped. Shared negatives are filtered only when guide is None.
     """
+    if partition not in ("joint", "per_direction"):
+        raise ValueError(partition)
+    if A2P not in directions or not set(directions) <= {A2P, P2A, A2A, P2P}:
+        raise ValueError(directions)
+    if partition == "per_direction" and set(directions) & {A2A, P2P}:
+        raise ValueError("per_direction with anchor_to_anchor or positive_to_positive")
+    if set(directions) - {A2P} and not in_batch:
+        raise ValueError("directions other than anchor_to_positive need in_batch")
+    if hardness_mode not in HARDNESS_KINDS:
+        raise ValueError(hardness_mode)
+    if false_negative_margin is not None and guide is not None and shared is not None:
+        raise ValueError("guide with shared negatives")
+
     a = anchors.double()
     n = a.shape[0]
     p = positives.double()
@@ -61,30 +105,82 @@ def infonce_loop(
     m = 0 if neg is None else neg.shape[1]
     pid = None if pos_ids is None else pos_ids.reshape(n, -1).tolist()
     nid = None if neg_ids is None else neg_ids.tolist()
+    sh = None if shared is None else shared.double()
+
+    # guide vectors: the given guide, or the detached embeddings themselves
+    if guide is None:
+        ga, gp, gn, gs = a.detach(), p.detach(), None if neg is None else neg.detach(), sh
+    else:
+        ga, gp, gn, gs = guide[0].double(), guide[1].double(), guide[2], None
+        gn = None if gn is None else gn.double()
+        if gp.ndim == 2:
+            gp = gp[:, None, :]
+    filtering = false_negative_margin is not None
+
+    def g(x: torch.Tensor, y: torch.Tensor) -> float:
+        return float(similarity("cosine", x.detach(), y.detach()))
 
     def real(j: int, mm: int) -> bool:
         return mask is None or bool(mask[j, mm])
 
+    def negs(j: int) -> list[tuple[torch.Tensor, torch.Tensor | None, object]]:
+        """Row j's unmasked negatives as (vector, guide vector, id)."""
+        gj = [None] * m if gn is None else gn[j]
+        return [(neg[j, mm], gj[mm], None if nid is None else nid[j][mm]) for mm in range(m) if real(j, mm)]
+
+    def docs(j: int) -> list[tuple[torch.Tensor, torch.Tensor | None, object]]:
+        """Row j's docs as (vector, guide vector, id): its K positives, then its unmasked negatives."""
+        return [(p[j, kk], gp[j, kk], None if pid is None else pid[j][kk]) for kk in range(k)] + negs(j)
+
+    penalized = HARDNESS_KINDS[hardness_mode]
     terms = []
     for i in range(n):
-        cands = []  # (vector, id or None)
-        for mm in range(m):
-            if real(i, mm):
-                cands.append((neg[i, mm], None if nid is None else nid[i][mm]))
-        if shared is not None:
-            cands += [(shared[s].double(), None) for s in range(shared.shape[0])]
+        own_ids = set() if pid is None else set(pid[i])
+        # A2P candidates of anchor i as (vector, guide vector, id, kind); the same for each of its positives
+        cands = [(*doc, "own") for doc in negs(i)]
+        if sh is not None:
+            cands += [(sh[s], None if gs is None else gs[s], None, "shared") for s in range(sh.shape[0])]
         if in_batch:
             for j in range(n):
-                if j == i:
-                    continue
-                cands += [(p[j, kk], None if pid is None else pid[j][kk]) for kk in range(k)]
-                for mm in range(m):
-                    if real(j, mm):
-                        cands.append((neg[j, mm], None if nid is None else nid[j][mm]))
-        own = set() if pid is None else set(pid[i])
-        negs = [similarity(sim, a[i], c) / tau for c, cid in cands if cid is None or cid not in own]
+                if j != i:
+                    cands += [(*doc, "in_batch") for doc in docs(j)]
+        cands = [c for c in cands if c[2] is None or c[2] not in own_ids]
+        a2p_all = []  # (logit, guide vector), computed once per anchor
+        for c, gc, _, kind in cands:
+            raw = similarity(sim, a[i], c)
+            a2p_all.append((raw / tau + hardness_strength * raw.detach() if kind in penalized else raw / tau, gc))
+        others = [doc for j in range(n) if j != i for doc in docs(j) if doc[2] is None or doc[2] not in own_ids]
+
         for kk in range(k):
-            terms.append(term(similarity(sim, a[i], p[i, kk]) / tau, negs))
+            pos = similarity(sim, a[i], p[i, kk]) / tau
+            threshold = 0.0
+            if filtering:
+                gap = g(ga[i], gp[i, kk])
+                if margin_strategy == "absolute":
+                    threshold = gap - false_negative_margin
+                elif margin_strategy == "relative":
+                    threshold = gap - abs(gap) * false_negative_margin
+                else:
+                    raise ValueError(margin_strategy)
+
+            def kept(x: torch.Tensor, gc: torch.Tensor, threshold: float = threshold) -> bool:
+                return not filtering or not g(x, gc) > threshold
+
+            blocks = {A2P: [logit for logit, gc in a2p_all if kept(ga[i], gc)]}
+            if P2A in directions:  # the j = i entry is the positive pair: never dropped
+                blocks[P2A] = [pos] + [
+                    similarity(sim, a[j], p[i, kk]) / tau for j in range(n) if j != i and kept(gp[i, kk], ga[j])
+                ]
+            if A2A in directions:
+                blocks[A2A] = [similarity(sim, a[i], a[j]) / tau for j in range(n) if j != i and kept(ga[i], ga[j])]
+            if P2P in directions:
+                blocks[P2P] = [similarity(sim, p[i, kk], c) / tau for c, gc, _ in others if kept(gp[i, kk], gc)]
+
+            if partition == "joint":
+                terms.append(term(pos, [v for name in directions for v in blocks[name]]))
+            else:  # P2A's block already holds the positive: drop that copy, term() adds P back
+                parts = [term(pos, blocks[A2P])] + ([term(pos, blocks[P2A][1:])] if P2A in directions else [])
+                terms.append(sum(parts) / len(parts))
     if reduction == "none":
         return torch.stack(terms)
     return torch.stack(terms).mean()

@@ -1,27 +1,13 @@
-"""Shared fixtures: devices (CUDA skipped with a reason when absent) and per-dtype tolerances."""
+"""Fixtures only: ``device`` (CUDA skipped with a reason when absent) and ``dtype``; their lists live in helpers.py.
+
+Fast run: ``python -m pytest -m "not slow"`` deselects notebooks, multi-process runs, benchmarks and compile.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-CUDA = torch.cuda.is_available()
-DEVICES = [
-    pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA device on this machine")),
-]
-# (rtol, atol) against the float64 formula, by input dtype.
-TOL = {
-    torch.float64: (1e-9, 1e-9),
-    torch.float32: (2e-5, 2e-5),
-    torch.bfloat16: (2e-2, 2e-2),
-    torch.float16: (5e-3, 5e-3),
-}
-DTYPES = [
-    pytest.param(torch.float64, id="float64"),
-    pytest.param(torch.float32, id="float32"),
-    pytest.param(torch.bfloat16, id="bfloat16"),
-]
+from helpers import DEVICES, DTYPES
 
 
 @pytest.fixture(params=DEVICES)

@@ -1,9 +1,10 @@
-"""Issue 5: ``gather_across_devices`` under a real 2-process gloo group, against one process holding the whole batch.
+"""``gather_across_devices`` under a real 2-process gloo group, against one process holding the whole batch.
 
-All distributed cases run in ONE spawned pair of processes (a module-scoped fixture), so the suite pays the spawn
-and the rendezvous once. The parent builds each global batch (fixed seed), hands every rank its rows through files,
-and compares what the ranks return with ``pt.infonce(..., in_batch=True)`` on the concatenated batch and with the
-loop-by-loop formula of ``formula.py``.
+The multi-process tests are marked ``slow`` (they spawn two interpreters, or torchrun); the single-process checks
+are not. All distributed cases run in ONE spawned pair of processes (a module-scoped fixture), so the suite pays the
+spawn and the rendezvous once. The parent builds each global batch (fixed seed), hands every rank its rows through
+files, and compares what the ranks return with ``pt.infonce(..., in_batch=True)`` on the concatenated batch and with
+the loop-by-loop formula of ``formula.py``.
 
 Each rank backpropagates ``loss_r * N_r * W / N_total`` (just ``loss_r`` when the ranks hold equal N), so that
 ``Σ_r N_r loss_r / N_total`` is the global loss and the gradients divided by W -- what DDP's averaging does -- are
@@ -26,16 +27,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from formula import infonce_loop
+from helpers import F64, TOL, batch, formula
 
 import pml_triplets as pt
 
-F64 = torch.float64
 WORLD = 2
 JOIN_TIMEOUT_S = 120.0  # the whole spawned run; it takes a few seconds
 ROOT = Path(__file__).resolve().parents[1]
-
-pytestmark = pytest.mark.slow
 
 
 def free_port() -> int:
@@ -60,24 +58,17 @@ def make_case(
     engine: str = "auto",
     seed: int = 0,
 ) -> dict[str, Any]:
-    """A global batch of sum(sizes) rows (fixed seed) and the call's options; rank r holds rows sizes[:r]..."""
-    g = torch.Generator().manual_seed(seed)
-    n = sum(sizes)
-    data: dict[str, torch.Tensor] = {
-        "anchors": torch.randn(n, d, generator=g, dtype=F64),
-        "positives": torch.randn(*((n, d) if k == 1 else (n, k, d)), generator=g, dtype=F64),
-    }
-    if m:
-        data["negatives"] = torch.randn(n, m, d, generator=g, dtype=F64)
+    """A global batch of sum(sizes) rows (fixed seed) and the call's options; rank r holds rows sizes[:r]...
+
+    Ids take only 6 values, so many candidates (also on the other rank) share an id with some anchor's positive.
+    """
+    full = batch(sum(sizes), m, d, k=k, s=0, seed=seed, keep=0.7, ids=6)
+    keys = ["anchors", "positives"] + (["negatives"] if m else [])
+    keys += ["negatives_mask"] if masked else []
+    keys += (["positive_ids"] + (["negative_ids"] if m else [])) if ids else []
+    data = {key: full[key] for key in keys}
     if masked:
-        mask = torch.rand(n, m, generator=g) < 0.7
-        mask[0] = False  # a row with every negative masked
-        data["negatives_mask"] = mask
-    if ids:
-        # Few distinct ids, so many candidates (also on the other rank) share an id with some anchor's positive.
-        data["positive_ids"] = torch.randint(0, 6, (n,) if k == 1 else (n, k), generator=g)
-        if m:
-            data["negative_ids"] = torch.randint(0, 6, (n, m), generator=g)
+        data["negatives_mask"][0] = False  # a row with every negative masked
     return {"sizes": sizes, "data": data, "tau": tau, "learn_tau": learn_tau, "engine": engine}
 
 
@@ -197,9 +188,12 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
 
 def close(x: torch.Tensor, y: torch.Tensor) -> None:
-    torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-9)
+    # float64 on both sides; the ranks add the same terms in another order (all_gather, all_reduce): TOL[float64]
+    rtol, atol = TOL[F64]
+    torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_gathered_loss_is_the_global_loss(ranks: list[dict[str, Any]], name: str) -> None:
     case = CASES[name]
@@ -212,19 +206,13 @@ def test_gathered_loss_is_the_global_loss(ranks: list[dict[str, Any]], name: str
         close(torch.stack(losses).mean(), want)  # equal N: the plain mean DDP users log
     # And the global value is the formula's, written independently of the package.
     data = case["data"]
-    loop = infonce_loop(
-        data["anchors"],
-        data["positives"],
-        data.get("negatives"),
-        case["tau"],
-        mask=data.get("negatives_mask"),
-        in_batch=True,
-        pos_ids=data.get("positive_ids"),
-        neg_ids=data.get("negative_ids"),
+    options = {key: v for key, v in data.items() if key not in GRAD_NAMES}
+    close(
+        want, formula(data["anchors"], data["positives"], data.get("negatives"), case["tau"], in_batch=True, **options)
     )
-    close(want, loop)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_gathered_gradients_are_the_global_gradients(ranks: list[dict[str, Any]], name: str) -> None:
     case = CASES[name]
@@ -239,6 +227,7 @@ def test_gathered_gradients_are_the_global_gradients(ranks: list[dict[str, Any]]
         close(sum(ranks[r][name]["grads"]["tau"] for r in range(WORLD)) / WORLD, want["tau"])
 
 
+@pytest.mark.slow
 def test_the_cases_exercise_the_gathering(ranks: list[dict[str, Any]]) -> None:
     # Guards against checks that would pass without any gathering: each rank's local in-batch loss must differ
     # from its gathered one, and in the id cases ids must exclude candidates, some of them on the other rank.
@@ -298,6 +287,7 @@ def test_gathering_needs_in_batch() -> None:
 # ---------------------------------------------------------------- the example, under torchrun
 
 
+@pytest.mark.slow
 def test_ddp_example_runs_under_torchrun() -> None:
     steps = 6
     cmd = [

@@ -3,114 +3,42 @@
 Every expected value comes from tests/formula.py (float64, loop by loop) evaluated on the very inputs the library
 saw -- after rounding to the input dtype -- never from pml_triplets itself.
 
-``python tests/test_numerics.py`` prints the figures quoted in issue 7 (library vs formula vs PML's own
-``NTXentLoss`` on a hard float16 batch, and the float32 relative errors at tau = 0.01).
+``python tests/test_numerics.py`` prints the library vs the formula vs PML's own ``NTXentLoss`` on a hard float16
+batch (PML's term is capped at -log(tiny) = 9.7 there), and the float32 relative errors at tau = 0.01.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import TOL
 from formula import infonce_loop
-from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity, DotProductSimilarity, LpDistance
+from helpers import (
+    BATCHES,
+    DIST,
+    DISTANCES,
+    ENGINES,
+    F64,
+    TOL,
+    Dist,
+    formula,
+    gen,
+    hard_batch,
+    leaves,
+    loss_fn,
+    randn,
+    random_batch,
+)
+from pytorch_metric_learning.distances import DotProductSimilarity
 from pytorch_metric_learning.losses import NTXentLoss
-from torch.autograd.gradcheck import GradcheckError
 
 import pml_triplets as pt
 
-F64 = torch.float64
-ENGINES = [pytest.param("dense", id="dense"), pytest.param("pml", id="pml")]
 
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _randn(g: torch.Generator, *shape: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=g, dtype=F64)
-
-
-def _hard_batch(seed: int, n: int = 4, m: int = 3, d: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each anchor opposite its positive and aligned with its negatives: cosines about -1 and +1.
-
-    With cosine similarity every term is about 2/tau + log(M).
-    """
-    g = _gen(seed)
-    u = F.normalize(_randn(g, n, d), dim=1)
-    return u, -u + 0.05 * _randn(g, n, d), u[:, None] + 0.05 * _randn(g, n, m, d)
-
-
-def _easy_batch(seed: int, n: int = 4, m: int = 3, d: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each anchor aligned with its positive and opposite its negatives: every term about M e^{-2/tau}."""
-    a, p, neg = _hard_batch(seed, n, m, d)
-    return a, -p, -neg
-
-
-def _random_batch(seed: int, n: int = 4, m: int = 3, d: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = _gen(seed)
-    return _randn(g, n, d), _randn(g, n, d), _randn(g, n, m, d)
-
-
-BATCHES = {"hard": _hard_batch, "easy": _easy_batch, "random": _random_batch}
-
-
-class Dist(NamedTuple):
-    """A PML distance and how tests/formula.py computes the same similarity."""
-
-    make: Callable[[], BaseDistance]
-    sim: str  # formula.similarity kind
-    unit: bool  # the distance L2-normalizes its inputs first (cosine does so inside formula.similarity)
-
-
-DIST = {
-    "cosine": Dist(CosineSimilarity, "cosine", False),
-    "dot-raw": Dist(lambda: DotProductSimilarity(normalize_embeddings=False), "dot", False),
-    "lp-unit": Dist(LpDistance, "euclidean", True),
-    "lp-raw": Dist(lambda: LpDistance(normalize_embeddings=False), "euclidean", False),
-}
-DISTANCES = [pytest.param(v, id=k) for k, v in DIST.items()]
-
-
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    """x / max(||x||, 1e-12) row by row, as the normalizing distances define it (a zero row stays zero)."""
-    return x / torch.sqrt((x * x).sum(-1, keepdim=True)).clamp_min(1e-12)
-
-
-def _formula(
-    dist: Dist,
-    a: torch.Tensor,
-    p: torch.Tensor,
-    n: torch.Tensor,
-    tau: float,
-    *,
-    shared: torch.Tensor | None = None,
-    **kw: Any,
-) -> torch.Tensor:
-    """tests/formula.py in float64 on the given (already rounded) tensors; differentiable w.r.t. them."""
-
-    def prep(x: torch.Tensor | None) -> torch.Tensor | None:
-        if x is None:
-            return None
-        return _unit(x.double()) if dist.unit else x.double()
-
-    return infonce_loop(prep(a), prep(p), prep(n), tau, shared=prep(shared), sim=dist.sim, **kw)
-
-
-def _loss_fn(dist: Dist, tau: float | torch.Tensor) -> NTXentLoss:
-    return NTXentLoss(temperature=tau, distance=dist.make())
-
-
-def _leaves(*xs: torch.Tensor | None) -> list[Any]:
-    return [None if x is None else x.detach().clone().requires_grad_() for x in xs]
-
-
-def _assert_grads_close(
+def assert_grads_close(
     got: list[torch.Tensor], want: tuple[torch.Tensor, ...], rtol: float, floor: float = 0.0
 ) -> None:
     """Elementwise within ``rtol`` relative, plus ``rtol`` times the largest expected entry (or ``floor``) absolute."""
@@ -120,7 +48,7 @@ def _assert_grads_close(
         torch.testing.assert_close(g.detach().double().cpu(), w, rtol=rtol, atol=atol)
 
 
-def _assert_finite(*xs: torch.Tensor | None) -> None:
+def assert_finite(*xs: torch.Tensor | None) -> None:
     for x in xs:
         assert x is not None
         assert torch.isfinite(x).all(), x
@@ -145,7 +73,7 @@ def _half_embeddings(
     d = batch[0].shape[-1]
     lin = torch.nn.Linear(d, d, bias=False, device=device)
     with torch.no_grad():
-        lin.weight.copy_(torch.eye(d) + 0.01 * torch.randn(d, d, generator=_gen(seed)))
+        lin.weight.copy_(torch.eye(d) + 0.01 * torch.randn(d, d, generator=gen(seed)))
     xs = [x.float().to(device) for x in batch]
     if how == "autocast":
         emb = [lin(x) for x in xs]  # the caller holds the autocast region open
@@ -172,7 +100,7 @@ def test_half_precision_matches_float64_formula(
 
     assert loss.dtype == half
     assert loss.device.type == device
-    _assert_finite(loss, lin.weight.grad, *(e.grad for e in emb))
+    assert_finite(loss, lin.weight.grad, *(e.grad for e in emb))
 
     rounded = [e.detach().cpu().double().requires_grad_() for e in emb]  # exactly what the library was given
     want = infonce_loop(*rounded, tau)
@@ -181,7 +109,7 @@ def test_half_precision_matches_float64_formula(
         assert want.item() > 2 / tau - 1
     rtol, atol = TOL[half]
     torch.testing.assert_close(loss.detach().double().cpu(), want, rtol=rtol, atol=atol)
-    _assert_grads_close([e.grad for e in emb], torch.autograd.grad(want, rounded), rtol)
+    assert_grads_close([e.grad for e in emb], torch.autograd.grad(want, rounded), rtol)
 
     # and within one rounding to `half` of the float32 result on the same rounded values
     loss32 = pt.infonce(*(e.detach().float() for e in emb), temperature=tau, engine=engine)
@@ -191,7 +119,7 @@ def test_half_precision_matches_float64_formula(
 @pytest.mark.parametrize("half", [pytest.param(torch.float16, id="float16"), pytest.param(torch.bfloat16, id="bf16")])
 def test_pml_recipe_in_half_caps_at_minus_log_tiny_the_library_does_not(device: str, half: torch.dtype) -> None:
     """PML's own NTXentLoss adds finfo(dtype).tiny inside its log; the library's default engine does not."""
-    tau, (a, p, n) = 0.05, (x.to(half).to(device) for x in _hard_batch(3))
+    tau, (a, p, n) = 0.05, (x.to(half).to(device) for x in hard_batch(3))
     want = infonce_loop(a.cpu(), p.cpu(), n.cpu(), tau)
     got = pt.infonce(a, p, n, temperature=tau)
     torch.testing.assert_close(got.double().cpu(), want, rtol=TOL[half][0], atol=TOL[half][1])
@@ -211,18 +139,20 @@ def test_autocast_learnable_temperature(device: str, half: torch.dtype, chunk_si
     criterion = pt.InfoNCE(temperature=0.05, learnable_temperature=True, in_batch=True, chunk_size=chunk_size)
     criterion = criterion.to(device)
     with torch.autocast(device, dtype=half):
-        lin, emb = _half_embeddings(device, "autocast", half, _hard_batch(7, n=3, m=2, d=6), seed=2)
+        lin, emb = _half_embeddings(device, "autocast", half, hard_batch(7, n=3, m=2, d=6), seed=2)
         if emb[0].dtype != half:
             pytest.skip(f"torch.autocast({device!r}, {half}) does not produce {half} in this torch")
         loss = criterion(*emb)
     loss.backward()
     assert criterion.log_temperature is not None
-    _assert_finite(loss, criterion.log_temperature.grad, lin.weight.grad)
+    assert_finite(loss, criterion.log_temperature.grad, lin.weight.grad)
 
     log_tau = torch.tensor(math.log(0.05), dtype=F64, requires_grad=True)
     want = infonce_loop(*(e.detach().cpu().double() for e in emb), log_tau.exp(), in_batch=True)
     (want_grad,) = torch.autograd.grad(want, log_tau)
     torch.testing.assert_close(loss.detach().double().cpu(), want.detach(), rtol=TOL[half][0], atol=TOL[half][1])
+    # log_temperature and its gradient stay float32 (never rounded to half): logits at 1/tau = 20 carry a few
+    # 1e-6 of float32 error, and so does this sum over them; 1e-4 is tens of times that (observed: 2e-7)
     got_grad = criterion.log_temperature.grad.double().cpu()
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-4 * float(want_grad.abs()))
 
@@ -241,6 +171,12 @@ TEMPERATURE_CASES = [
     # test_pml_engine_float32_caps_a_term_at_minus_log_tiny
     if not (engine == "pml" and dtype == torch.float32 and tau == 0.01 and batch != "easy")
 ]
+# At tau = 0.01 a logit s/tau is 100 times the cosine, and so is its rounding error: about 1e-13 in float64 and
+# 3e-5 in float32 (a few eps each). The mean losses at tau = 0.01 are 200 (hard) and 44 (random), so float32's
+# 1e-5 relative allows 4e-4 or more, over 10x that error; the easy batch's ~1e-86 is left to the atol below. At
+# tau = 10 the logits are <= 0.1 and their errors 100x smaller. float64's 1e-10 is far above its 1e-13.
+# A gradient entry is a softmax weight (whose relative error is the logit's absolute error) times 1/tau, compared
+# with atol = rtol * the largest entry: float32's 1e-4 is 3x that 3e-5; float64's 1e-8 is far above 1e-13.
 VALUE_RTOL = {F64: 1e-10, torch.float32: 1e-5}
 GRAD_RTOL = {F64: 1e-8, torch.float32: 1e-4}
 
@@ -248,17 +184,17 @@ GRAD_RTOL = {F64: 1e-8, torch.float32: 1e-4}
 @pytest.mark.parametrize(("engine", "dtype", "tau", "batch"), TEMPERATURE_CASES)
 def test_extreme_temperature_matches_formula(engine: str, dtype: torch.dtype, tau: float, batch: str) -> None:
     """tau = 0.01 with cosine puts logits at +-100 (a hard term is 2/tau + log M = 201); tau = 10 at +-0.1."""
-    a, p, n = _leaves(*(x.to(dtype) for x in BATCHES[batch](21, n=5, m=4, d=6)))
+    a, p, n = leaves(*(x.to(dtype) for x in BATCHES[batch](21, n=5, m=4, d=6)))
     loss = pt.infonce(a, p, n, temperature=tau, engine=engine)
     loss.backward()
-    _assert_finite(loss, a.grad, p.grad, n.grad)
+    assert_finite(loss, a.grad, p.grad, n.grad)
 
-    ref = _leaves(*(x.double() for x in (a, p, n)))
+    ref = leaves(*(x.double() for x in (a, p, n)))
     want = infonce_loop(*ref, tau)
     # atol: an easy term at tau = 0.01 is M e^-200 ~ 1e-86, below float32's range and below the resolution of
     # PML's log(num/den + tiny) -- and of the formula's gradient, whose 1 - softmax(pos) cancels to 0 there.
     torch.testing.assert_close(loss.detach().double(), want, rtol=VALUE_RTOL[dtype], atol=1e-30)
-    _assert_grads_close([a.grad, p.grad, n.grad], torch.autograd.grad(want, ref), GRAD_RTOL[dtype], floor=1e-30)
+    assert_grads_close([a.grad, p.grad, n.grad], torch.autograd.grad(want, ref), GRAD_RTOL[dtype], floor=1e-30)
 
 
 @pytest.mark.parametrize("batch", [pytest.param("hard", id="hard"), pytest.param("random", id="random")])
@@ -275,18 +211,25 @@ def test_pml_engine_float32_caps_a_term_at_minus_log_tiny(batch: str) -> None:
     torch.testing.assert_close(pt.infonce(a, p, n, temperature=0.01).double(), terms.mean(), rtol=1e-5, atol=0.0)
 
 
-def test_float64_term_just_above_softplus_threshold_is_exact() -> None:
-    # one anchor, one negative: pos logit 0, negative logit x, so the term is log(1 + e^x) = x + log1p(e^-x)
-    x = 20.5
+@pytest.mark.parametrize("x", [20.5, 25.0, 45.0])
+def test_float64_term_around_the_softplus_threshold_is_exact(x: float) -> None:
+    """The dense engine's term is softplus(x, threshold=40): exact in float64 on both sides of 40.
+
+    One anchor, one negative: the positive logit is 0 and the negative's is x, so the term is
+    log(1 + e^x) = x + log1p(e^-x) and its derivative w.r.t. the negative is sigmoid(x). Above 40 softplus returns x
+    alone, dropping log1p(e^-x) < 4.3e-18, below float64's resolution there (one ulp of 40 is 7e-15). torch's
+    default threshold, 20, would drop e^-20.5 = 1.2e-9 at x = 20.5 and e^-25 = 1.4e-11 at x = 25 (relative 6e-11
+    and 6e-13, in the value and in the gradient): 2e-15 relative, about ten ulps, catches both.
+    """
     dot = DotProductSimilarity(normalize_embeddings=False)
-    a, p, n = _leaves(torch.ones(1, 1, dtype=F64), torch.zeros(1, 1, dtype=F64), torch.full((1, 1, 1), x, dtype=F64))
+    a, p, n = leaves(torch.ones(1, 1, dtype=F64), torch.zeros(1, 1, dtype=F64), torch.full((1, 1, 1), x, dtype=F64))
     loss = pt.infonce(a, p, n, loss_fn=NTXentLoss(temperature=1.0, distance=dot))
     loss.backward()
-    want = infonce_loop(*_leaves(a, p, n), 1.0, sim="dot")
-    assert want.item() == pytest.approx(x + math.log1p(math.exp(-x)), rel=1e-15)
-    torch.testing.assert_close(loss.detach(), want, rtol=1e-13, atol=0.0)
+    exact = x + math.log1p(math.exp(-x))
+    assert infonce_loop(*leaves(a, p, n), 1.0, sim="dot").item() == pytest.approx(exact, rel=2e-15)
+    assert loss.item() == pytest.approx(exact, rel=2e-15)
     assert n.grad is not None
-    assert n.grad.item() == pytest.approx(1 / (1 + math.exp(-x)), rel=1e-13)
+    assert n.grad.item() == pytest.approx(1 / (1 + math.exp(-x)), rel=2e-15)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -296,9 +239,9 @@ def test_float64_term_just_above_softplus_threshold_is_exact() -> None:
 
 def _zero_case(role: str, dtype: torch.dtype) -> tuple[list[Any], torch.Tensor | None]:
     """(anchors, positives, negatives, shared) with zero rows in the place named by ``role``, and a mask."""
-    g = _gen(31)
+    g = gen(31)
     s = 30 if role == "shared-many" else 2  # > 25 candidates: torch.cdist switches to its matmul path
-    a, p, n, sh = _randn(g, 3, 4), _randn(g, 3, 4), _randn(g, 3, 3, 4), _randn(g, s, 4)
+    a, p, n, sh = randn(g, 3, 4), randn(g, 3, 4), randn(g, 3, 3, 4), randn(g, s, 4)
     mask = None
     if role == "anchor":
         a[1] = 0
@@ -330,13 +273,15 @@ ZERO_CASES = [pytest.param(role, F64, id=f"{role}-float64") for role in ZERO_ROL
 @pytest.mark.parametrize("dist", DISTANCES)
 def test_zero_vectors_are_finite_and_match_formula(dist: Dist, engine: str, role: str, dtype: torch.dtype) -> None:
     (a, p, n, sh), mask = _zero_case(role, dtype)
-    a, p, n, sh = _leaves(a, p, n, sh)
+    a, p, n, sh = leaves(a, p, n, sh)
     loss = pt.infonce(
-        a, p, n, shared_negatives=sh, negatives_mask=mask, in_batch=True, loss_fn=_loss_fn(dist, 0.1), engine=engine
+        a, p, n, shared_negatives=sh, negatives_mask=mask, in_batch=True, loss_fn=loss_fn(dist, 0.1), engine=engine
     )
     loss.backward()
-    _assert_finite(loss, a.grad, p.grad, n.grad, sh.grad)
-    want = _formula(dist, a.detach(), p.detach(), n.detach(), 0.1, shared=sh.detach(), mask=mask, in_batch=True)
+    assert_finite(loss, a.grad, p.grad, n.grad, sh.grad)
+    want = formula(
+        a.detach(), p.detach(), n.detach(), 0.1, dist, shared_negatives=sh.detach(), negatives_mask=mask, in_batch=True
+    )
     torch.testing.assert_close(loss.detach().double(), want, rtol=TOL[dtype][0], atol=TOL[dtype][1])
     if mask is not None:
         assert n.grad is not None
@@ -356,15 +301,13 @@ ZERO_HALF_CASES = [
 @pytest.mark.parametrize(("dist", "half"), ZERO_HALF_CASES)
 def test_zero_vectors_in_half_precision(device: str, dist: Dist, half: torch.dtype, engine: str) -> None:
     (a, p, n, sh), _ = _zero_case("all-of-a-row", half)
-    a, p, n, sh = _leaves(*(x.to(device) for x in (a, p, n, sh)))
-    loss = pt.infonce(a, p, n, shared_negatives=sh, in_batch=True, loss_fn=_loss_fn(dist, 0.1), engine=engine)
+    a, p, n, sh = leaves(*(x.to(device) for x in (a, p, n, sh)))
+    loss = pt.infonce(a, p, n, shared_negatives=sh, in_batch=True, loss_fn=loss_fn(dist, 0.1), engine=engine)
     loss.backward()
     assert loss.dtype == half
-    want = _formula(
-        dist, a.detach().cpu(), p.detach().cpu(), n.detach().cpu(), 0.1, shared=sh.detach().cpu(), in_batch=True
-    )
+    want = formula(a.detach(), p.detach(), n.detach(), 0.1, dist, shared_negatives=sh.detach(), in_batch=True)
     torch.testing.assert_close(loss.detach().double().cpu(), want, rtol=TOL[half][0], atol=TOL[half][1])
-    _assert_finite(a.grad, p.grad, n.grad, sh.grad)
+    assert_finite(a.grad, p.grad, n.grad, sh.grad)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -374,17 +317,17 @@ def test_zero_vectors_in_half_precision(device: str, dist: Dist, half: torch.dty
 
 def _mode_inputs(mode: str, dtype: torch.dtype, seed: int = 41) -> tuple[list[Any], dict[str, Any]]:
     """Small inputs (N=3, M=2, d=3) and keyword arguments for one mode of :func:`pml_triplets.infonce`."""
-    g = _gen(seed)
+    g = gen(seed)
     n_, m, d = 3, 2, 3
     k = 2 if mode == "K=2" else 1
-    a, n = _randn(g, n_, d), _randn(g, n_, m, d)
-    p = _randn(g, n_, k, d) if k > 1 else _randn(g, n_, d)
+    a, n = randn(g, n_, d), randn(g, n_, m, d)
+    p = randn(g, n_, k, d) if k > 1 else randn(g, n_, d)
     tensors: list[Any] = [a, p, n]
     kw: dict[str, Any] = {}
     if mode == "mask":
         kw["negatives_mask"] = torch.tensor([[True, False], [True, True], [False, False]])
     elif mode == "shared":
-        tensors.append(_randn(g, 2, d))
+        tensors.append(randn(g, 2, d))
     elif mode == "in_batch":
         kw["in_batch"] = True
     elif mode == "ids":
@@ -400,7 +343,7 @@ def _mode_inputs(mode: str, dtype: torch.dtype, seed: int = 41) -> tuple[list[An
             positive_ids=torch.tensor([[0, 5], [1, 6], [0, 7]]),
             negative_ids=torch.tensor([[1, 2], [3, 0], [4, 5]]),
         )
-        tensors = [a, _randn(g, n_, 2, d), n, _randn(g, 2, d), torch.tensor(0.3, dtype=F64)]
+        tensors = [a, randn(g, n_, 2, d), n, randn(g, 2, d), torch.tensor(0.3, dtype=F64)]
     return [t.to(dtype) for t in tensors], kw
 
 
@@ -413,7 +356,7 @@ def _call(dist: Dist, engine: str, mode: str, kw: dict[str, Any], chunk_size: in
         sh = rest[0] if shared else None
         tau = rest[-1] if learn else 0.3
         return pt.infonce(
-            a, p, n, shared_negatives=sh, loss_fn=_loss_fn(dist, tau), engine=engine, chunk_size=chunk_size, **kw
+            a, p, n, shared_negatives=sh, loss_fn=loss_fn(dist, tau), engine=engine, chunk_size=chunk_size, **kw
         )
 
     return f
@@ -428,7 +371,7 @@ def test_bitwise_deterministic_across_calls_and_single_chunk_sizes(engine: str, 
     tensors, kw = _mode_inputs(mode, torch.float32)
 
     def run(chunk_size: int | None) -> list[torch.Tensor]:
-        xs = _leaves(*tensors)
+        xs = leaves(*tensors)
         loss = _call(DIST["cosine"], engine, mode, kw, chunk_size)(*xs)
         return [loss.detach(), *torch.autograd.grad(loss, xs)]
 
@@ -462,47 +405,32 @@ def test_gradcheck(dist: str, mode: str, chunk_size: int | None, engine: str) ->
     anchor (the dense engine recomputes those in backward). fast_mode: one random projection of the Jacobian
     per input, against finite differences."""
     tensors, kw = _mode_inputs(mode, F64)
-    xs = _leaves(*tensors)
-    assert torch.autograd.gradcheck(_call(DIST[dist], engine, mode, kw, chunk_size), xs, fast_mode=True)
+    xs = leaves(*tensors)
+    f = _call(DIST[dist], engine, mode, kw, chunk_size)
+    # gradcheck agrees trivially on an input the loss ignores (zero against zero): every input must matter
+    assert all(g.abs().sum() > 0 for g in torch.autograd.grad(f(*xs), xs))
+    assert torch.autograd.gradcheck(f, xs, fast_mode=True)
 
 
 def test_gradcheck_full_jacobian() -> None:
     tensors, kw = _mode_inputs("everything", F64, seed=43)
-    assert torch.autograd.gradcheck(_call(DIST["cosine"], "dense", "everything", kw), _leaves(*tensors))
-
-
-def test_gradcheck_can_fail() -> None:
-    """The harness above rejects a wrong gradient (a surrogate whose backward is off by a factor)."""
-
-    class Wrong(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-            return 1.01 * grad
-
-    tensors, kw = _mode_inputs("plain", F64)
-    f = _call(DIST["cosine"], "dense", "plain", kw)
-    with pytest.raises(GradcheckError, match="Jacobian mismatch"):
-        torch.autograd.gradcheck(lambda a, p, n: f(Wrong.apply(a), p, n), _leaves(*tensors), fast_mode=True)
+    assert torch.autograd.gradcheck(_call(DIST["cosine"], "dense", "everything", kw), leaves(*tensors))
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Figures for the issue: python tests/test_numerics.py
+# Figures: python tests/test_numerics.py
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def _measure() -> None:
     n, m, tau = 8, 4, 0.05
-    a, p, neg = (x.half() for x in _hard_batch(3, n=n, m=m, d=16))
+    a, p, neg = (x.half() for x in hard_batch(3, n=n, m=m, d=16))
     want = infonce_loop(a, p, neg, tau).item()
     lib = pt.infonce(a, p, neg, temperature=tau).item()
     pml = NTXentLoss(temperature=tau)(pt.concat_embeddings(a, p, neg), indices_tuple=pt.build_indices(n, m)).item()
     print(f"hard float16 batch (N={n}, M={m}, d=16, tau={tau}; 2/tau + log M = {2 / tau + math.log(m):.4f}):")
     print(f"  float64 formula {want:.6f}   library {lib:.6f}   PML NTXentLoss float16 {pml:.6f}")
-    for name, batch in (("random", _random_batch(5, n=64, m=16, d=32)), ("hard", _hard_batch(5, n=64, m=16, d=32))):
+    for name, batch in (("random", random_batch(5, n=64, m=16, d=32)), ("hard", hard_batch(5, n=64, m=16, d=32))):
         a, p, neg = (x.float() for x in batch)
         want = infonce_loop(a, p, neg, 0.01).item()
         lib = pt.infonce(a, p, neg, temperature=0.01).item()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import triplets
 from pytorch_metric_learning.losses import NTXentLoss, TripletMarginLoss
 
 import pml_triplets as pt
@@ -12,7 +13,9 @@ N, M, D = 4, 3, 5
 
 
 def ok() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.randn(N, D), torch.randn(N, D), torch.randn(N, M, D)
+    """Valid float32 inputs; each test breaks one thing."""
+    a, p, n = triplets(N, M, D)
+    return a.float(), p.float(), n.float()
 
 
 def call(**overrides: object) -> torch.Tensor:

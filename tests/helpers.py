@@ -162,12 +162,23 @@ def unit(x: torch.Tensor) -> torch.Tensor:
 
 
 # infonce's keyword -> infonce_loop's keyword
+RETRIEVAL_OPTIONS = (
+    "directions",
+    "partition",
+    "hardness_mode",
+    "hardness_strength",
+    "false_negative_margin",
+    "margin_strategy",
+    "guide",
+)
 FORMULA_NAMES = {
     "negatives_mask": "mask",
     "shared_negatives": "shared",
     "in_batch": "in_batch",
     "positive_ids": "pos_ids",
     "negative_ids": "neg_ids",
+    # the retrieval options have the same names in both
+    **{name: name for name in RETRIEVAL_OPTIONS},
 }
 
 
@@ -197,4 +208,6 @@ def formula(
         if kw.get(key) is not None:
             kw[key] = kw[key].cpu()
     kw["shared"] = prep(kw.get("shared"))
+    if kw.get("guide") is not None:  # the formula takes the cosine of the guide: no normalization here
+        kw["guide"] = tuple(None if g is None else g.cpu().double() for g in kw["guide"])
     return infonce_loop(prep(anchors), prep(positives), prep(negatives), tau, sim=dist.sim, **kw)

@@ -32,6 +32,7 @@ from helpers import F64, TOL, batch, formula
 import pml_triplets as pt
 
 WORLD = 2
+FOUR_WAY = ("anchor_to_positive", "positive_to_anchor", "anchor_to_anchor", "positive_to_positive")
 JOIN_TIMEOUT_S = 120.0  # the whole spawned run; it takes a few seconds
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +58,8 @@ def make_case(
     learn_tau: bool = False,
     engine: str = "auto",
     seed: int = 0,
+    options: dict[str, Any] | None = None,
+    guide: bool = False,
 ) -> dict[str, Any]:
     """A global batch of sum(sizes) rows (fixed seed) and the call's options; rank r holds rows sizes[:r]...
 
@@ -69,7 +72,17 @@ def make_case(
     data = {key: full[key] for key in keys}
     if masked:
         data["negatives_mask"][0] = False  # a row with every negative masked
-    return {"sizes": sizes, "data": data, "tau": tau, "learn_tau": learn_tau, "engine": engine}
+    if guide:  # guide embeddings of another width, as a second model would give
+        g = batch(sum(sizes), m, 3, k=k, s=0, seed=seed + 100)
+        data |= {"guide_anchors": g["anchors"], "guide_positives": g["positives"], "guide_negatives": g["negatives"]}
+    return {
+        "sizes": sizes,
+        "data": data,
+        "tau": tau,
+        "learn_tau": learn_tau,
+        "engine": engine,
+        "options": options or {},
+    }
 
 
 CASES: dict[str, dict[str, Any]] = {
@@ -78,11 +91,36 @@ CASES: dict[str, dict[str, Any]] = {
     "unequal_5_3": make_case((5, 3), m=2, masked=True, ids=True, tau=0.15, learn_tau=True, seed=3),
     # rank 0 is the one padded here; no per-anchor negatives at all; the quadratic PML engine.
     "unequal_2_5_pml": make_case((2, 5), k=2, m=0, ids=True, tau=0.3, engine="pml", seed=4),
+    # the retrieval options: anchors are gathered for the directions that contrast them, guides for filtering
+    "four_directions_hardness": make_case(
+        (4, 3),
+        k=2,
+        masked=True,
+        ids=True,
+        learn_tau=True,
+        seed=5,
+        options={"directions": FOUR_WAY, "hardness_mode": "all", "hardness_strength": 2.0},
+    ),
+    "symmetric_filtered_guide": make_case(
+        (4, 4),
+        seed=6,
+        guide=True,
+        options={
+            "directions": FOUR_WAY[:2],
+            "partition": "per_direction",
+            "false_negative_margin": 0.05,
+            "margin_strategy": "relative",
+        },
+    ),
+    "filtered_own_embeddings": make_case((3, 5), m=2, seed=7, options={"false_negative_margin": 0.0}),
 }
 GRAD_NAMES = ("anchors", "positives", "negatives")
 
 
 def call(data: dict[str, torch.Tensor], case: dict[str, Any], tau: Any, **kw: Any) -> torch.Tensor:
+    guide = None
+    if "guide_anchors" in data:
+        guide = (data["guide_anchors"], data["guide_positives"], data.get("guide_negatives"))
     return pt.infonce(
         data["anchors"],
         data["positives"],
@@ -93,6 +131,8 @@ def call(data: dict[str, torch.Tensor], case: dict[str, Any], tau: Any, **kw: An
         negative_ids=data.get("negative_ids"),
         in_batch=True,
         engine=case["engine"],
+        guide=guide,
+        **case["options"],
         **kw,
     )
 
@@ -206,7 +246,10 @@ def test_gathered_loss_is_the_global_loss(ranks: list[dict[str, Any]], name: str
         close(torch.stack(losses).mean(), want)  # equal N: the plain mean DDP users log
     # And the global value is the formula's, written independently of the package.
     data = case["data"]
-    options = {key: v for key, v in data.items() if key not in GRAD_NAMES}
+    options = {key: v for key, v in data.items() if key not in GRAD_NAMES and not key.startswith("guide_")}
+    if "guide_anchors" in data:
+        options["guide"] = (data["guide_anchors"], data["guide_positives"], data.get("guide_negatives"))
+    options |= case["options"]
     close(
         want, formula(data["anchors"], data["positives"], data.get("negatives"), case["tau"], in_batch=True, **options)
     )

@@ -2,17 +2,34 @@
 
 Command (repository root, virtual environment active)::
 
-    python benchmarks/bench_loss.py                       # default CPU grid, several minutes
+    python benchmarks/bench_loss.py                       # default CPU grid, eager
+    python benchmarks/bench_loss.py --compile             # the same grid eager, then under torch.compile
+    python benchmarks/bench_loss.py --compile only        # torch.compile only
     python benchmarks/bench_loss.py --threads 1           # a shared CPU: no OpenMP waits for a busy core
     python benchmarks/bench_loss.py --quick --repeats 1   # tiny grid, a smoke test
-    python benchmarks/bench_loss.py --device cuda --dtype float32 --d 128 --repeats 7 --out benchmarks/out
+    python benchmarks/bench_loss.py --device cuda --d 768 --dtype bfloat16 --config pa:8192:64 --config ib:8192:64
 
 Each configuration draws anchors (N, d), positives (N, d) and negatives (N, M, d) as leaf tensors with
 ``requires_grad``, at temperature 0.07. ``per-anchor``: anchor i's negatives are its own M; ``in-batch``: also every
-other row's positive and negatives (``pt.infonce(..., in_batch=True)``). Methods, all computing the same loss
-(checked against ``pt.reference_infonce`` at a small size before anything is timed):
+other row's positive and negatives (``pt.infonce(..., in_batch=True)``). Three in-batch rows add a retrieval option
+of ``pt.infonce`` (semantics of sentence-transformers 6.2's ``MultipleNegativesRankingLoss``; "docs" are every
+row's positive and negatives):
 
-* ``floor`` -- the formula in plain torch, written below (:func:`floor_loss`): the speed and memory to beat.
+* ``4dir`` -- ``directions=("anchor_to_positive", "positive_to_anchor", "anchor_to_anchor",
+  "positive_to_positive"), partition="joint"``: one softmax over s(a_i, every doc), s(a_j, p_i) for every j,
+  s(a_i, a_j) for j != i and s(p_i, docs of the other rows).
+* ``hardness`` -- ``hardness_mode="all", hardness_strength=5.0``: 5 * s(a_i, c), detached and not divided by the
+  temperature, added to every logit but the positive's.
+* ``guide`` -- ``false_negative_margin=0.1`` (no guide: the embeddings themselves, detached): a candidate c is dropped
+  when s(a_i, c) > s(a_i, p_i) - 0.1.
+
+An option that ``pt.infonce`` does not accept (a ``TypeError`` for the keyword) is reported as "n/a (option
+missing)". Methods, all computing the same loss (checked before anything is timed: the base methods against
+``pt.reference_infonce`` at a small size; ``pml_triplets`` with an option against that option's floor, in float64;
+and at every measured configuration, each method's warm-up value against the eager floor's):
+
+* ``floor`` -- the formula in plain torch, written below (:func:`floor_loss`, :func:`option_floor`): the speed and
+  memory to beat.
 * ``pml_triplets`` -- ``pt.infonce(a, p, n)``, automatic engine; ``pml_triplets[pml]`` with ``engine="pml"``.
 * ``recipe`` -- the article's recipe with its ordering fixed: ``NTXentLoss(temperature=0.07)(
   pt.concat_embeddings(a, p, n), indices_tuple=pt.build_indices(N, M))``, O(N²M²). In-batch: the same
@@ -21,29 +38,46 @@ other row's positive and negatives (``pt.infonce(..., in_batch=True)``). Methods
 * ``info-nce-pytorch`` -- ``info_nce.InfoNCE(temperature=0.07, negative_mode="paired")(a, p, n)``; per-anchor only
   (its unpaired/in-batch modes are a different loss).
 
-Columns of the table (printed, and written to ``<out>/results.md``; ``<out>/results.png`` plots the time ratios):
+``--compile``: a second table (or, with ``--compile only``, the only one) in which every method is wrapped in
+``torch.compile`` with its defaults (inductor), ratios to the *compiled* floor. ``torch._dynamo.reset()`` before each
+configuration, so each one is compiled afresh for its shapes (no recompile limit, no dynamic shapes carried over).
+Compilation happens in two warm-up calls, which are not timed. A method that fails to compile is reported as
+"compile failed" (full messages at the end of ``results.md``). The compiled table has one more method,
+``pml_triplets[fullgraph]``: ``torch.compile(..., fullgraph=True)``, which raises at any graph break; its note says
+whether it compiled.
+
+Columns of the table (printed, and written to ``<out>/results.md`` after every configuration; ``<out>/results.png``
+plots the time ratios):
 
 * ``time ms`` -- median wall time of one forward+backward (loss, then ``loss.backward()`` into the inputs'
-  ``.grad``), over ``--repeats`` repeats after one warm-up; methods are interleaved, each repeat in a rotated order,
-  so load from other processes falls on all of them alike. A method whose warm-up takes over ``--slow-s`` seconds
-  gets at most 3 repeats.
-* ``time ×floor`` -- that median divided by the floor's median in the same configuration of the same run.
+  ``.grad``), over ``--repeats`` repeats (``--many`` at per-anchor N=128, M=4, whose fixed cost is a target) after
+  the warm-up; methods are interleaved, each repeat in a rotated order, so load from other processes falls on all of
+  them alike. CUDA: ``torch.cuda.synchronize`` before starting and before stopping the clock. A method whose last
+  warm-up call takes over ``--slow-s`` seconds gets at most 3 repeats.
+* ``time ×floor`` -- that median divided by the floor's median in the same configuration and table of the same run.
 * ``peak MB`` -- peak memory above the level once the inputs exist. CUDA: ``torch.cuda.max_memory_allocated``
-  minus ``memory_allocated`` before the call. CPU: each (configuration, method) in a fresh subprocess
-  (``--worker``), which builds the inputs, runs one warm-up call, returns freed heap memory (``malloc_trim``),
-  resets the high-water mark (``/proc/self/clear_refs``), reads the resident set size from ``/proc/self/statm``,
-  runs the call and reports the new high-water mark (``VmHWM``; not ``ru_maxrss``, which keeps the parent's) minus
-  that. glibc is told to serve allocations of 64 KiB and more with ``mmap`` (``MALLOC_MMAP_THRESHOLD_``) so that
-  freed blocks leave the resident set at once: the figure is close to the live tensors' peak, not to what a caching
-  allocator keeps. It includes the inputs' gradients. The subprocess runs first, with its address space capped at
-  ``--max-gb`` above the inputs: a method that needs more is reported as skipped and not timed.
+  minus ``memory_allocated`` before the call, after a warm-up. CPU: each (configuration, method, eager or compiled)
+  in a fresh subprocess (``--worker``), which builds the inputs, runs the warm-up calls (compiling, if compiled),
+  returns freed heap memory (``malloc_trim``), resets the high-water mark (``/proc/self/clear_refs``), reads the
+  resident set size from ``/proc/self/statm``, runs the call and reports the new high-water mark (``VmHWM``; not
+  ``ru_maxrss``, which keeps the parent's) minus that. glibc is told to serve allocations of 64 KiB and more with
+  ``mmap`` (``MALLOC_MMAP_THRESHOLD_``) so that freed blocks leave the resident set at once: the figure is close to
+  the live tensors' peak, not to what a caching allocator keeps. It includes the inputs' gradients. The subprocess
+  runs first, with its address space capped at ``--max-gb`` above the inputs: a method that needs more is reported
+  as skipped and not timed.
 * ``mem ×floor`` -- peak MB divided by the floor's.
-* ``note`` -- why a cell is empty (skipped, not applicable, failed).
+* ``note`` -- why a cell is empty (skipped, not applicable, failed), or what else to know about it.
 
-The targets printed at the end (pass/fail) compare ``pml_triplets`` (automatic engine) with the floor and the
-recipe: per-anchor time ratio, geometric mean over the per-anchor grid <= 1.5 and worst <= 2.0; in-batch time ratio
-<= 3.0 at N=1024, M=8; peak memory <= 1.5x the floor's at N=4096, M=32; >= 50x faster than the recipe at N=512,
-M=32. A target whose configuration is not in the grid (``--quick``) reads "n/a".
+The targets printed at the end (PASS/FAIL; "n/a" where the configuration or table was not measured) concern
+``pml_triplets`` (automatic engine); every ratio is to the floor of the same table of the same run:
+
+* eager, per-anchor: time ratio's geometric mean over the per-anchor grid <= 1.5; worst time ratio over the
+  per-anchor configurations with N >= 512 <= 1.10; at N=128, M=4 the fixed cost, median time minus the floor's
+  median time, <= 0.2 ms; peak memory at N=4096, M=32 <= 1.0x; >= 50x faster than the recipe at N=512, M=32.
+* eager, in-batch at N=1024, M=8: time <= 1.10x and peak memory <= 1.10x.
+* eager, each retrieval option (in-batch N=1024, M=8): time <= 1.3x its own floor.
+* compiled: time ratio's geometric mean over the per-anchor grid <= 1.0, and over the in-batch grid (no options)
+  <= 1.0; ``fullgraph=True`` compiles at every configuration of the compiled table.
 """
 
 from __future__ import annotations
@@ -62,8 +96,9 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -77,11 +112,23 @@ except ImportError:  # an optional comparison (the `dev` extra)
     INCE = None
 
 TAU = 0.07
+HARDNESS_STRENGTH = 5.0
+MARGIN = 0.1
+DIRECTIONS = ("anchor_to_positive", "positive_to_anchor", "anchor_to_anchor", "positive_to_positive")
+# The retrieval options of the in-batch option rows: pt.infonce's keyword arguments.
+OPTIONS: dict[str, dict[str, Any]] = {
+    "4dir": {"directions": DIRECTIONS, "partition": "joint"},
+    "hardness": {"hardness_mode": "all", "hardness_strength": HARDNESS_STRENGTH},
+    "guide": {"false_negative_margin": MARGIN},
+}
 Mode = Literal["per-anchor", "in-batch"]
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-METHODS = ("floor", "pml_triplets", "pml_triplets[pml]", "recipe", "info-nce-pytorch")
+FULLGRAPH = "pml_triplets[fullgraph]"
+METHODS = ("floor", "pml_triplets", FULLGRAPH, "pml_triplets[pml]", "recipe", "info-nce-pytorch")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# |value - floor's value| allowed at a measured configuration, relative (half precision: the floor runs in it).
+VALUE_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 MB = 1e6
 
 
@@ -90,10 +137,19 @@ class Config:
     mode: Mode
     n: int
     m: int
+    option: str | None = None  # a key of OPTIONS (in-batch only)
 
     @property
     def label(self) -> str:
-        return f"{'pa' if self.mode == 'per-anchor' else 'ib'} N={self.n} M={self.m}"
+        base = f"{'pa' if self.mode == 'per-anchor' else 'ib'} N={self.n} M={self.m}"
+        return base if self.option is None else f"{base} {self.option}"
+
+    @property
+    def kind(self) -> str:
+        return self.mode if self.option is None else f"{self.mode} + {self.option}"
+
+
+FIXED_COST = Config("per-anchor", 128, 4)  # timed --many times: its target is an absolute difference in ms
 
 
 @dataclass
@@ -103,6 +159,7 @@ class Result:
     times: list[float] = field(default_factory=list)  # seconds
     peak: float | None = None  # bytes
     note: str = ""
+    error: str = ""  # the full message of a failure to compile
 
     @property
     def time(self) -> float | None:
@@ -111,11 +168,29 @@ class Result:
 
 def grid(quick: bool) -> list[Config]:
     if quick:
-        per_anchor, in_batch = [(64, 4)], [(32, 4)]
+        per_anchor, in_batch, options = [(64, 4)], [(32, 4)], (32, 4)
     else:
-        per_anchor = [(n, m) for n in (512, 2048, 4096) for m in (4, 8, 32, 64)]
-        in_batch = [(256, 8), (1024, 8), (2048, 8)]
-    return [Config("per-anchor", n, m) for n, m in per_anchor] + [Config("in-batch", n, m) for n, m in in_batch]
+        per_anchor = [(128, 4)] + [(n, m) for n in (512, 2048, 4096) for m in (4, 8, 32, 64)]
+        in_batch, options = [(256, 8), (1024, 8), (2048, 8)], (1024, 8)
+    return (
+        [Config("per-anchor", n, m) for n, m in per_anchor]
+        + [Config("in-batch", n, m) for n, m in in_batch]
+        + [Config("in-batch", *options, option) for option in OPTIONS]
+    )
+
+
+def parse_config(text: str) -> Config:
+    """``MODE:N:M[:OPTION]``, MODE ``pa`` (per-anchor) or ``ib`` (in-batch), OPTION a key of OPTIONS (in-batch)."""
+    modes: dict[str, Mode] = {"pa": "per-anchor", "per-anchor": "per-anchor", "ib": "in-batch", "in-batch": "in-batch"}
+    parts = text.split(":")
+    ok = len(parts) in (3, 4) and parts[0] in modes and parts[1].isdigit() and parts[2].isdigit()
+    option = parts[3] if len(parts) == 4 else None
+    if not ok or int(parts[1]) < 1 or (option is not None and (option not in OPTIONS or modes[parts[0]] != "in-batch")):
+        raise argparse.ArgumentTypeError(
+            f"expected MODE:N:M[:OPTION] with MODE pa or ib, N >= 1, M >= 0 and OPTION (ib only) one of "
+            f"{', '.join(OPTIONS)}; got {text!r}"
+        )
+    return Config(modes[parts[0]], int(parts[1]), int(parts[2]), option)
 
 
 # --------------------------------------------------------------------------------------------------- the methods
@@ -134,6 +209,29 @@ def floor_loss(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor, in_batch: bool
     pool = torch.cat([p, n.reshape(-1, n.shape[-1])])  # (N + N*M, d)
     logits = a @ pool.T / TAU  # (N, N + N*M)
     return F.cross_entropy(logits, torch.arange(a.shape[0], device=a.device))
+
+
+def option_floor(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor, option: str) -> torch.Tensor:
+    """An in-batch retrieval option as sentence-transformers writes it: similarity blocks, -inf masks, log-sum-exp."""
+    a, p, n = F.normalize(a, dim=-1), F.normalize(p, dim=-1), F.normalize(n, dim=-1)
+    rows = torch.arange(a.shape[0], device=a.device)
+    docs = torch.cat([p, n.reshape(-1, n.shape[-1])])  # (R, d), R = N + N*M: the positives, then row by row negatives
+    owner = torch.cat([rows, rows.repeat_interleave(n.shape[1])])  # (R,) the row each doc belongs to
+    own_pos = torch.arange(docs.shape[0], device=a.device)[None, :] == rows[:, None]  # (N, R): column i of row i
+    sim = a @ docs.T  # (N, R) anchor_to_positive: anchor i against every doc, its own positive included
+    logits = sim / TAU
+    if option == "hardness":  # + strength * raw cosine (detached, not / τ) on every logit but the own positive's
+        logits = logits + HARDNESS_STRENGTH * sim.detach().masked_fill(own_pos, 0.0)
+    elif option == "guide":  # the guide is the detached embeddings: drop c when g(a_i, c) > g(a_i, p_i) - margin
+        g = sim.detach()
+        logits = logits.masked_fill((g > g[:, : rows.shape[0]].diagonal()[:, None] - MARGIN) & ~own_pos, -math.inf)
+    blocks = [logits]
+    if option == "4dir":
+        blocks.append(p @ a.T / TAU)  # (N, N) positive_to_anchor: row i holds s(a_j, p_i) for every j, j = i too
+        blocks.append((a @ a.T / TAU).masked_fill(rows[:, None] == rows[None, :], -math.inf))  # anchor_to_anchor
+        blocks.append((p @ docs.T / TAU).masked_fill(owner[None, :] == rows[:, None], -math.inf))  # other rows' docs
+    lse = torch.logsumexp(torch.stack([torch.logsumexp(b, dim=1) for b in blocks], dim=1), dim=1)  # (N,) joint
+    return (lse - sim[:, : rows.shape[0]].diagonal() / TAU).mean()
 
 
 def in_batch_pairs(n: int, m: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -161,16 +259,72 @@ def info_nce_loss(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor) -> torch.Te
     return loss
 
 
-def methods(mode: Mode) -> dict[str, LossFn | None]:
-    """Each method's loss for ``mode``; ``None`` where the method does not compute this loss."""
-    ib = mode == "in-batch"
-    return {
-        "floor": lambda a, p, n: floor_loss(a, p, n, ib),
-        "pml_triplets": lambda a, p, n: pt.infonce(a, p, n, temperature=TAU, in_batch=ib),
-        "pml_triplets[pml]": lambda a, p, n: pt.infonce(a, p, n, temperature=TAU, in_batch=ib, engine="pml"),
-        "recipe": lambda a, p, n: recipe_loss(a, p, n, ib),
-        "info-nce-pytorch": None if ib or INCE is None else info_nce_loss,
+def floor_fn(cfg: Config) -> LossFn:
+    ib = cfg.mode == "in-batch"
+    if cfg.option is not None:
+        option = cfg.option
+        return lambda a, p, n: option_floor(a, p, n, option)
+    return lambda a, p, n: floor_loss(a, p, n, ib)
+
+
+def ours(cfg: Config, **kw: Any) -> LossFn:
+    ib, opts = cfg.mode == "in-batch", OPTIONS.get(cfg.option or "", {})
+    return lambda a, p, n: pt.infonce(a, p, n, temperature=TAU, in_batch=ib, **opts, **kw)
+
+
+def ours_fullgraph(cfg: Config) -> LossFn:
+    # The same call as ours() but a separate code object: dynamo caches compiled code per code object, so the
+    # fullgraph=True wrapper must not find the graph-broken code compiled for the default wrapper.
+    ib, opts = cfg.mode == "in-batch", OPTIONS.get(cfg.option or "", {})
+    return lambda a, p, n: pt.infonce(a, p, n, temperature=TAU, in_batch=ib, **opts)
+
+
+def close(value: float, expected: float, rtol: float) -> bool:
+    return math.isfinite(value) and abs(value - expected) <= rtol * max(1.0, abs(expected))
+
+
+@cache
+def option_status(option: str, device: str) -> str:
+    """Why ``pt.infonce`` with ``option`` is not measured; "" if it takes it and agrees with its floor (float64)."""
+    g = torch.Generator().manual_seed(2)
+    a, p, n = (torch.randn(s, generator=g, dtype=torch.float64).to(device) for s in ((10, 8), (10, 8), (10, 3, 8)))
+    cfg = Config("in-batch", 10, 3, option)
+    try:
+        got = float(ours(cfg)(a, p, n))
+    except Exception as err:  # the option is being written: whatever it raises goes into the table
+        missing = isinstance(err, TypeError) and "unexpected keyword argument" in str(err)
+        return "n/a (option missing)" if missing else f"n/a ({first_line(err, 70)})"
+    expected = float(option_floor(a, p, n, option))
+    return "" if close(got, expected, 1e-8) else f"n/a (wrong value: {got:.8g}, its floor {expected:.8g})"
+
+
+def methods(cfg: Config, compiled: bool, device: str) -> dict[str, LossFn | str]:
+    """Each method's loss for ``cfg`` (compiled or not), or a string: why the method is not measured there."""
+    ib = cfg.mode == "in-batch"
+    out: dict[str, LossFn | str] = {"floor": floor_fn(cfg)}
+    if cfg.option is not None:
+        status = option_status(cfg.option, device)
+        out["pml_triplets"] = status or ours(cfg)
+        out[FULLGRAPH] = status or ours_fullgraph(cfg)
+        for name in ("pml_triplets[pml]", "recipe", "info-nce-pytorch"):
+            out[name] = "n/a (no such option)"
+    else:
+        out["pml_triplets"] = ours(cfg)
+        out[FULLGRAPH] = ours_fullgraph(cfg)
+        out["pml_triplets[pml]"] = ours(cfg, engine="pml")
+        out["recipe"] = lambda a, p, n: recipe_loss(a, p, n, ib)
+        out["info-nce-pytorch"] = (
+            "n/a (a different loss)" if ib else "n/a (not installed)" if INCE is None else info_nce_loss
+        )
+    if not compiled:
+        del out[FULLGRAPH]
+        return out
+    fullgraph = out[FULLGRAPH]
+    compiled_out: dict[str, LossFn | str] = {
+        name: fn if isinstance(fn, str) else torch.compile(fn) for name, fn in out.items() if name != FULLGRAPH
     }
+    compiled_out[FULLGRAPH] = fullgraph if isinstance(fullgraph, str) else torch.compile(fullgraph, fullgraph=True)
+    return compiled_out
 
 
 def recipe_bytes(cfg: Config, itemsize: int) -> float:
@@ -185,18 +339,21 @@ def recipe_bytes(cfg: Config, itemsize: int) -> float:
 
 
 def check_methods(device: torch.device) -> None:
-    """Every method computes the same loss as ``pt.reference_infonce`` (the floor to 1e-5), at a small size."""
+    """Every eager method computes the same loss as ``pt.reference_infonce`` (the floor to 1e-5), at a small size.
+
+    The retrieval options are checked against their floors by :func:`option_status` (float64).
+    """
     g = torch.Generator().manual_seed(1)
     a, p, n = torch.randn(12, 16, generator=g), torch.randn(12, 16, generator=g), torch.randn(12, 5, 16, generator=g)
     a, p, n = a.to(device), p.to(device), n.to(device)
     for mode in ("per-anchor", "in-batch"):
         ref = float(pt.reference_infonce(a, p, n, TAU, in_batch=mode == "in-batch"))
-        for name, fn in methods(mode).items():
-            if fn is None:
+        for name, fn in methods(Config(mode, 12, 5), False, device.type).items():
+            if isinstance(fn, str):
                 continue
             got = float(fn(a, p, n))
-            tol = 1e-5 * max(1.0, abs(ref))
-            assert abs(got - ref) <= tol, f"{name} ({mode}) = {got} but reference_infonce = {ref}"
+            if not close(got, ref, 1e-5):
+                raise SystemExit(f"{name} ({mode}) = {got} but reference_infonce = {ref}: nothing measured")
 
 
 # --------------------------------------------------------------------------------------------------- measuring
@@ -214,16 +371,25 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_once(fn: LossFn, inputs: Inputs) -> float:
-    """Seconds for one forward+backward, gradients accumulating into freshly cleared ``.grad``."""
+def call(fn: LossFn, inputs: Inputs) -> tuple[float, float]:
+    """Seconds for one forward+backward, gradients accumulating into freshly cleared ``.grad``; and the loss."""
     for x in inputs:
         x.grad = None
     device = inputs[0].device
     sync(device)
     start = time.perf_counter()
-    fn(*inputs).backward()
+    loss = fn(*inputs)
+    loss.backward()
     sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, float(loss.detach())
+
+
+def run_once(fn: LossFn, inputs: Inputs) -> float:
+    return call(fn, inputs)[0]
+
+
+def warm_ups(compiled: bool) -> int:
+    return 2 if compiled else 1  # compiled: the first call compiles the forward, then the backward
 
 
 def rss_bytes() -> int:
@@ -271,16 +437,17 @@ def worker(args: argparse.Namespace) -> None:
     Its address space may grow by at most ``--max-gb`` once the inputs exist (``RLIMIT_AS``): a method that needs
     more fails here, with ``"over": true``, instead of drawing the machine into the OOM killer.
     """
-    cfg = Config(args.mode, args.n, args.m)
-    fn = methods(cfg.mode)[args.method]
-    assert fn is not None
+    cfg = Config(args.mode, args.n, args.m, args.option)
+    fn = methods(cfg, args.compiled, "cpu")[args.method]
+    assert not isinstance(fn, str)
     inputs = make_inputs(cfg, args.d, DTYPES[args.dtype], torch.device("cpu"))
     limit = vm_bytes() + int((8.0 if args.max_gb is None else args.max_gb) * 1e9)
     resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
     try:
         resettable = reset_high_water_mark()
-        if resettable:  # a warm-up keeps lazy one-time allocations (thread pools, kernels) out of the figure
-            run_once(fn, inputs)
+        if resettable:  # a warm-up keeps lazy one-time allocations (thread pools, kernels, compiling) out of it
+            for _ in range(warm_ups(args.compiled)):
+                run_once(fn, inputs)
             for x in inputs:
                 x.grad = None
             gc.collect()
@@ -288,17 +455,31 @@ def worker(args: argparse.Namespace) -> None:
             reset_high_water_mark()
         base = rss_bytes()
         run_once(fn, inputs)
-    except (RuntimeError, MemoryError):
+    except Exception as err:
+        if not out_of_memory(err):
+            raise
         print(json.dumps({"over": True}))
         return
     print(json.dumps({"peak": peak_rss_bytes() - base, "warm": resettable, "over": False}))
 
 
-def cpu_peak(cfg: Config, method: str, args: argparse.Namespace, max_bytes: float) -> tuple[float | None, str]:
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation refused (under ``RLIMIT_AS``, or by the device), not some other failure."""
+    text = str(err).lower()
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or any(
+        s in text for s in ("can't allocate memory", "cannot allocate memory", "out of memory")
+    )
+
+
+def cpu_peak(
+    cfg: Config, method: str, compiled: bool, args: argparse.Namespace, max_bytes: float
+) -> tuple[float | None, str]:
     """Peak extra RSS measured in a fresh subprocess, and a note; ``None`` with a "skipped" note when over the cap."""
     cmd = [sys.executable, __file__, "--worker", "--mode", cfg.mode, "--n", str(cfg.n), "--m", str(cfg.m)]
     cmd += ["--method", method, "--d", str(args.d), "--dtype", args.dtype, "--max-gb", str(max_bytes / 1e9)]
     cmd += [] if args.threads is None else ["--threads", str(args.threads)]
+    cmd += [] if cfg.option is None else ["--option", cfg.option]
+    cmd += ["--compiled"] if compiled else []
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.worker_timeout, check=False)
@@ -324,39 +505,76 @@ def cuda_peak(fn: LossFn, inputs: Inputs) -> float:
     return float(torch.cuda.max_memory_allocated() - base)
 
 
-def measure(cfg: Config, args: argparse.Namespace, device: torch.device, max_bytes: float) -> list[Result]:
+def graphs_compiled() -> int:
+    """How many graphs dynamo has compiled in this process (to notice a recompilation while timing)."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def first_line(err: BaseException, width: int = 90) -> str:
+    lines = [s.strip() for s in str(err).splitlines() if s.strip()]
+    text = f"{type(err).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def measure(
+    cfg: Config, args: argparse.Namespace, device: torch.device, max_bytes: float, compiled: bool
+) -> list[Result]:
+    if compiled:  # each configuration compiled afresh, for its own shapes
+        torch._dynamo.reset()
     dtype = DTYPES[args.dtype]
     inputs = make_inputs(cfg, args.d, dtype, device)
-    results = {name: Result(cfg, name) for name in METHODS}
-    ib = cfg.mode == "in-batch"
+    wanted = [m for m in METHODS if (compiled or m != FULLGRAPH) and (m == "floor" or m in args.methods)]
+    results = {name: Result(cfg, name) for name in wanted}
     active: dict[str, LossFn] = {}
-    for name, fn in methods(cfg.mode).items():
-        if fn is None:
-            results[name].note = "n/a (not installed)" if INCE is None and not ib else "n/a (a different loss)"
+    for name, fn in methods(cfg, compiled, device.type).items():
+        if name not in results:
+            continue
+        if isinstance(fn, str):
+            results[name].note = fn
         elif name == "recipe" and (need := recipe_bytes(cfg, dtype.itemsize)) > max_bytes:
             results[name].note = f"skipped (would need ~{need / 1e9:.3g} GB)"
         else:
             active[name] = fn
-    if device.type == "cpu":  # memory first: a method over the cap is found in a subprocess, and not timed
+    if device.type == "cpu" and args.memory:  # memory first: a method over the cap is found in a subprocess
         for name in list(active):
-            results[name].peak, results[name].note = cpu_peak(cfg, name, args, max_bytes)
+            results[name].peak, results[name].note = cpu_peak(cfg, name, compiled, args, max_bytes)
             if results[name].note.startswith("skipped"):
                 del active[name]
-    repeats = dict.fromkeys(active, args.repeats)
-    for name, fn in list(active.items()):  # warm-up, and drop what cannot run
+    with torch.no_grad():
+        expected = float(floor_fn(cfg)(*inputs))  # every method's value is checked against the eager floor's
+    repeats = dict.fromkeys(active, max(args.repeats, args.many) if cfg == FIXED_COST else args.repeats)
+    for name, fn in list(active.items()):  # warm-up (compiling), and drop what cannot run
         try:
-            if run_once(fn, inputs) > args.slow_s:
-                repeats[name] = min(args.repeats, 3)
-        except (RuntimeError, MemoryError) as err:
-            results[name].note = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:60]}"
+            for _ in range(warm_ups(compiled)):
+                seconds, value = call(fn, inputs)
+        except Exception as err:  # a compile error can be of any type; eager: out of memory and the like
+            if not compiled and not isinstance(err, (RuntimeError, MemoryError)):
+                raise
+            results[name].peak = None
+            results[name].note = f"{'compile ' if compiled else ''}failed: {first_line(err)}"
+            results[name].error = f"{type(err).__name__}: {err}"
             del active[name]
+            gc.collect()
+            continue
+        if seconds > args.slow_s:
+            repeats[name] = min(repeats[name], 3)
+        if not close(value, expected, VALUE_RTOL[dtype]):
+            results[name].note = f"value {value:.6g} but eager floor {expected:.6g}; " + results[name].note
+        elif name == FULLGRAPH:
+            results[name].note = f"fullgraph=True compiles; {results[name].note}".removesuffix("; ")
         gc.collect()
     names = list(active)
-    for r in range(args.repeats if names else 0):
+    recompiled: set[str] = set()
+    for r in range(max(repeats.values(), default=0)):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             if len(results[name].times) < repeats[name]:
+                graphs = graphs_compiled()
                 results[name].times.append(run_once(active[name], inputs))
-    if device.type == "cuda":
+                if graphs_compiled() != graphs:
+                    recompiled.add(name)
+    for name in recompiled:  # its timed calls include compiling: a guard that fails on every call
+        results[name].note = f"recompiled while timed; {results[name].note}".removesuffix("; ")
+    if device.type == "cuda" and args.memory:
         for name, fn in active.items():
             results[name].peak = cuda_peak(fn, inputs)
     return list(results.values())
@@ -365,10 +583,14 @@ def measure(cfg: Config, args: argparse.Namespace, device: torch.device, max_byt
 # --------------------------------------------------------------------------------------------------- reporting
 
 
+def lookup(results: Sequence[Result], cfg: Config, method: str) -> Result | None:
+    return next((r for r in results if r.config == cfg and r.method == method), None)
+
+
 def ratio(results: Sequence[Result], cfg: Config, method: str, what: Literal["time", "peak"]) -> float | None:
-    by = {r.method: r for r in results if r.config == cfg}
-    num, den = getattr(by[method], what), getattr(by["floor"], what)
-    return None if num is None or den is None or den <= 0 else num / den
+    num, den = lookup(results, cfg, method), lookup(results, cfg, "floor")
+    a, b = (None if r is None else getattr(r, what) for r in (num, den))
+    return None if a is None or b is None or b <= 0 else a / b
 
 
 def fmt(x: float | None, spec: str) -> str:
@@ -385,38 +607,66 @@ def table(results: Sequence[Result]) -> str:
         t = None if r.time is None else r.time * 1e3
         peak = None if r.peak is None else r.peak / MB
         t_ratio, m_ratio = ratio(results, c, r.method, "time"), ratio(results, c, r.method, "peak")
-        cells = [c.mode, str(c.n), str(c.m), r.method, fmt(t, ".1f"), fmt(t_ratio, ".2f")]
-        cells += [fmt(peak, ".1f"), fmt(m_ratio, ".2f"), r.note]
+        cells = [c.kind, str(c.n), str(c.m), r.method, fmt(t, ".2f" if t is not None and t < 10 else ".1f")]
+        cells += [fmt(t_ratio, ".2f"), fmt(peak, ".1f"), fmt(m_ratio, ".2f"), r.note.replace("|", "/")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def targets(results: Sequence[Result]) -> list[tuple[str, str, str]]:
-    """(target, measured, PASS/FAIL/n/a) for the summary targets."""
-    configs = list(dict.fromkeys(r.config for r in results))
+def geomean(values: Sequence[float]) -> float | None:
+    return math.exp(statistics.fmean(math.log(x) for x in values)) if values else None
+
+
+def targets(eager: Sequence[Result], compiled: Sequence[Result]) -> list[tuple[str, str, str]]:
+    """(target, measured, PASS/FAIL/n/a) for the summary targets; each ratio from one table of one run."""
     out: list[tuple[str, str, str]] = []
 
-    def verdict(value: float | None, ok: Callable[[float], bool]) -> str:
-        return "n/a (not measured)" if value is None else ("PASS" if ok(value) else "FAIL")
+    def add(what: str, value: float | None, limit: float, spec: str = ".2f", na: str = "not measured") -> None:
+        """A target ``value <= limit`` (``>=`` for a speed-up, whose label says so)."""
+        ok = value is not None and (value >= limit if "faster" in what else value <= limit)
+        out.append((what, fmt(value, spec), f"n/a ({na})" if value is None else ("PASS" if ok else "FAIL")))
 
-    per_anchor = [ratio(results, c, "pml_triplets", "time") for c in configs if c.mode == "per-anchor"]
-    pa = [x for x in per_anchor if x is not None]
-    geo = math.exp(statistics.fmean(math.log(x) for x in pa)) if pa else None
-    worst = max(pa) if pa else None
-    out.append(("per-anchor time ×floor, geometric mean ≤ 1.5", fmt(geo, ".2f"), verdict(geo, lambda x: x <= 1.5)))
-    out.append(("per-anchor time ×floor, worst ≤ 2.0", fmt(worst, ".2f"), verdict(worst, lambda x: x <= 2.0)))
+    def base(results: Sequence[Result], mode: Mode) -> list[Config]:
+        return list(dict.fromkeys(r.config for r in results if r.config.mode == mode and r.config.option is None))
 
-    def at(mode: Mode, n: int, m: int, method: str, what: Literal["time", "peak"]) -> float | None:
-        cfg = Config(mode, n, m)
-        return ratio(results, cfg, method, what) if cfg in configs else None
+    def ratios(results: Sequence[Result], configs: Sequence[Config]) -> dict[Config, float]:
+        pairs = ((c, ratio(results, c, "pml_triplets", "time")) for c in configs)
+        return {c: x for c, x in pairs if x is not None}
 
-    ib = at("in-batch", 1024, 8, "pml_triplets", "time")
-    out.append(("in-batch time ×floor ≤ 3.0 at N=1024, M=8", fmt(ib, ".2f"), verdict(ib, lambda x: x <= 3.0)))
-    mem = at("per-anchor", 4096, 32, "pml_triplets", "peak")
-    out.append(("peak memory ×floor ≤ 1.5 at N=4096, M=32", fmt(mem, ".2f"), verdict(mem, lambda x: x <= 1.5)))
-    rec, ours = at("per-anchor", 512, 32, "recipe", "time"), at("per-anchor", 512, 32, "pml_triplets", "time")
-    speedup = None if rec is None or ours is None else rec / ours
-    out.append(("≥ 50× faster than recipe at N=512, M=32", fmt(speedup, ".0f"), verdict(speedup, lambda x: x >= 50)))
+    pa = ratios(eager, base(eager, "per-anchor"))
+    add("eager per-anchor time ×floor, geometric mean over the grid ≤ 1.5", geomean(list(pa.values())), 1.5)
+    big = {c: x for c, x in pa.items() if c.n >= 512}
+    worst = max(big, key=big.__getitem__, default=None)
+    where = "" if worst is None else f" ({worst.label})"
+    add(f"eager per-anchor time ×floor, worst over N ≥ 512 ≤ 1.10{where}", big.get(worst) if worst else None, 1.10)
+    mine_s, floor_s = (
+        None if r is None else r.time for r in (lookup(eager, FIXED_COST, m) for m in ("pml_triplets", "floor"))
+    )
+    fixed = None if mine_s is None or floor_s is None else (mine_s - floor_s) * 1e3
+    add("eager per-anchor N=128, M=4: median time − floor's, ms ≤ 0.2", fixed, 0.2, ".3f")
+    ib, big_pa = Config("in-batch", 1024, 8), Config("per-anchor", 4096, 32)
+    add("eager in-batch time ×floor ≤ 1.10 at N=1024, M=8", ratio(eager, ib, "pml_triplets", "time"), 1.10)
+    add("eager in-batch peak memory ×floor ≤ 1.10 at N=1024, M=8", ratio(eager, ib, "pml_triplets", "peak"), 1.10)
+    add("eager per-anchor peak memory ×floor ≤ 1.0 at N=4096, M=32", ratio(eager, big_pa, "pml_triplets", "peak"), 1.0)
+    rec, mine = (ratio(eager, Config("per-anchor", 512, 32), m, "time") for m in ("recipe", "pml_triplets"))
+    speedup = None if rec is None or mine is None else rec / mine
+    add("eager ≥ 50× faster than the recipe at N=512, M=32", speedup, 50, ".0f")
+    for option in OPTIONS:
+        cfg = Config("in-batch", 1024, 8, option)
+        row = lookup(eager, cfg, "pml_triplets")
+        na = row.note[5:-1] if row is not None and row.note.startswith("n/a (") else "not measured"
+        value = ratio(eager, cfg, "pml_triplets", "time")
+        add(f"eager in-batch + {option} time ×its floor ≤ 1.3 at N=1024, M=8", value, 1.3, na=na)
+    na = "not measured" if compiled else "not measured: run with --compile"
+    for mode in ("per-anchor", "in-batch"):
+        values = list(ratios(compiled, base(compiled, mode)).values())  # type: ignore[arg-type]
+        add(f"compiled {mode} time ×compiled floor, geometric mean over the grid ≤ 1.0", geomean(values), 1.0, na=na)
+    rows = [r for r in compiled if r.method == FULLGRAPH]
+    tried = [r for r in rows if not r.note.startswith("n/a")]
+    passed = sum(r.note.startswith("fullgraph=True compiles") for r in tried)
+    value = f"{passed} of {len(tried)}" + (f" ({len(rows) - len(tried)} n/a)" if len(rows) > len(tried) else "")
+    verdict = f"n/a ({na})" if not tried else ("PASS" if passed == len(tried) else "FAIL")
+    out.append(("fullgraph=True compiles at every configuration", value if tried else "", verdict))
     return out
 
 
@@ -425,33 +675,52 @@ def targets_table(rows: Sequence[tuple[str, str, str]]) -> str:
     return "\n".join(lines + [f"| {t} | {v} | {ok} |" for t, v, ok in rows])
 
 
-def plot(results: Sequence[Result], path: Path, title: str) -> None:
+def plot(tables: dict[str, list[Result]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    configs = list(dict.fromkeys(r.config for r in results))
-    others = [m for m in METHODS if m != "floor"]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.65 * len(configs) + 2), 4.5))
-    for k, method in enumerate(others):
-        xs, ys = [], []
-        for i, c in enumerate(configs):
-            value = ratio(results, c, method, "time")
-            if value is not None:
-                xs.append(i + (k - (len(others) - 1) / 2) * 0.12)
-                ys.append(value)
-        ax.plot(xs, ys, marker="o", linestyle="none", label=method)
-    ax.axhline(1.0, color="black", linewidth=0.8, label="floor")
-    ax.set_yscale("log")
-    ax.set_xticks(range(len(configs)), [c.label for c in configs], rotation=45, ha="right")
-    ax.set_ylabel("time / floor time (log)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, axis="y", which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    shown = {name: results for name, results in tables.items() if results}
+    width = max(len(dict.fromkeys(r.config for r in results)) for results in shown.values())
+    fig, axes = plt.subplots(len(shown), 1, figsize=(max(6.0, 0.65 * width + 2), 4.5 * len(shown)), squeeze=False)
+    for ax, (name, results) in zip(axes[:, 0], shown.items()):
+        configs = list(dict.fromkeys(r.config for r in results))
+        others = [m for m in dict.fromkeys(r.method for r in results) if m != "floor"]
+        for k, method in enumerate(others):
+            xs, ys = [], []
+            for i, c in enumerate(configs):
+                value = ratio(results, c, method, "time")
+                if value is not None:
+                    xs.append(i + (k - (len(others) - 1) / 2) * 0.12)
+                    ys.append(value)
+            ax.plot(xs, ys, marker="o", linestyle="none", label=method)
+        ax.axhline(1.0, color="black", linewidth=0.8, label="floor")
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(configs)), [c.label for c in configs], rotation=45, ha="right")
+        ax.set_ylabel(f"{name}: time / floor time (log)")
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0, 0].set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def report(tables: dict[str, list[Result]], title: str) -> str:
+    parts = [f"# bench_loss results\n\n{title}\n"]
+    headings = {"eager": "Eager", "compiled": "Compiled (torch.compile, inductor; ratios to the compiled floor)"}
+    for name, results in tables.items():
+        if results:
+            parts.append(f"## {headings[name]}\n\n{table(results)}\n")
+    parts.append(f"## Targets\n\n{targets_table(targets(tables['eager'], tables['compiled']))}\n")
+    errors = [r for r in tables["compiled"] if r.error]
+    if errors:
+        parts.append("## Compile errors\n")
+        for r in errors:
+            text = "\n".join(r.error.splitlines()[:40])
+            parts.append(f"### {r.config.label}, {r.method}\n\n```text\n{text}\n```\n")
+    return "\n".join(parts)
 
 
 def library_version() -> str:
@@ -469,8 +738,31 @@ def library_version() -> str:
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ap.add_argument(
+        "--compile",
+        nargs="?",
+        const="both",
+        default="off",
+        choices=("off", "both", "only"),
+        help="torch.compile table: --compile (or --compile both) eager then compiled, --compile only (default off)",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny grid (smoke test)")
+    ap.add_argument(
+        "--config",
+        action="append",
+        type=parse_config,
+        help="MODE:N:M[:OPTION] instead of the grid, repeatable: pa:8192:64, ib:1024:8, ib:1024:8:4dir "
+        f"(options: {', '.join(OPTIONS)})",
+    )
+    ap.add_argument(
+        "--methods",
+        type=lambda s: [m.strip() for m in s.split(",") if m.strip()],
+        default=list(METHODS),
+        help=f"comma-separated subset of {', '.join(METHODS)} (the floor is always measured)",
+    )
+    ap.add_argument("--no-memory", dest="memory", action="store_false", help="time only (CPU: no subprocesses)")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per method (default 5)")
+    ap.add_argument("--many", type=int, default=200, help="timed repeats at per-anchor N=128, M=4 (default 200)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out", help="results.md and results.png")
     ap.add_argument("--d", type=int, default=128, help="embedding dimension (default 128)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -483,10 +775,14 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     worker_args.add_argument("--mode", choices=("per-anchor", "in-batch"), help=argparse.SUPPRESS)
     worker_args.add_argument("--n", type=int, help=argparse.SUPPRESS)
     worker_args.add_argument("--m", type=int, help=argparse.SUPPRESS)
+    worker_args.add_argument("--option", choices=tuple(OPTIONS), help=argparse.SUPPRESS)
     worker_args.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
+    worker_args.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.repeats < 1:
-        ap.error("--repeats must be >= 1")
+    if args.repeats < 1 or args.many < 1:
+        ap.error("--repeats and --many must be >= 1")
+    if unknown := [m for m in args.methods if m not in METHODS]:
+        ap.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     return args
 
 
@@ -507,24 +803,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     check_methods(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     title = (
-        f"{name}, d={args.d}, {args.dtype}, τ={TAU}, median of {args.repeats} interleaved repeats; "
-        f"{library_version()}, torch {torch.__version__}"
+        f"{name}, d={args.d}, {args.dtype}, τ={TAU}, median of {args.repeats} interleaved repeats "
+        f"({args.many} at per-anchor N=128, M=4); {library_version()}, torch {torch.__version__}"
     )
     print(title, flush=True)
-    results: list[Result] = []
-    for cfg in grid(args.quick):
-        start = time.perf_counter()
-        rows = measure(cfg, args, device, max_bytes)
-        results += rows
-        summary = ", ".join(f"{r.method} {'-' if r.time is None else f'{r.time * 1e3:.1f}'} ms" for r in rows)
-        print(f"[{time.perf_counter() - start:6.1f} s] {cfg.label}: {summary}", flush=True)
-
-    body = table(results)
-    goals = targets_table(targets(results))
-    print("\n" + body + "\n\n" + goals, flush=True)
+    configs = args.config or grid(args.quick)
+    variants = {"off": ["eager"], "both": ["eager", "compiled"], "only": ["compiled"]}[args.compile]
+    tables: dict[str, list[Result]] = {"eager": [], "compiled": []}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text(f"# bench_loss results\n\n{title}\n\n{body}\n\n## Targets\n\n{goals}\n")
-    plot(results, args.out / "results.png", title)
+    for variant in variants:
+        for cfg in configs:
+            start = time.perf_counter()
+            rows = measure(cfg, args, device, max_bytes, variant == "compiled")
+            tables[variant] += rows
+            summary = ", ".join(f"{r.method} {'-' if r.time is None else f'{r.time * 1e3:.2f}'} ms" for r in rows)
+            print(f"[{time.perf_counter() - start:6.1f} s] {variant} {cfg.label}: {summary}", flush=True)
+            for r in rows:
+                if r.error:
+                    print(f"    {r.method}: {r.note}", flush=True)
+            (args.out / "results.md").write_text(report(tables, title))  # so far, in case the run is cut short
+
+    text = report(tables, title)
+    print("\n" + text.split("\n", 3)[3], flush=True)
+    (args.out / "results.md").write_text(text)
+    plot(tables, args.out / "results.png", title)
     print(f"\nwrote {args.out / 'results.md'} and {args.out / 'results.png'}")
 
 

@@ -7,6 +7,9 @@
 torch.Size([])
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
+from .cached import cached_step
 from .indices import build_indices, concat_embeddings, pairing_matrix
 from .loss import DEFAULT_TEMPERATURE, InfoNCE, infonce
 from .reference import reference_infonce
@@ -14,11 +17,16 @@ from .reference import reference_infonce
 __all__ = [
     "DEFAULT_TEMPERATURE",
     "InfoNCE",
+    "__version__",
     "build_indices",
+    "cached_step",
     "concat_embeddings",
     "infonce",
     "pairing_matrix",
     "reference_infonce",
 ]
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("pml-triplets")  # one source: pyproject.toml
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"

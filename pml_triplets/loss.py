@@ -138,6 +138,24 @@ def infonce(
         gather_across_devices: with ``in_batch`` under ``torch.distributed``, take every rank's positives and
             negatives (and masks and ids) as candidates, gathered with gradient. Per-anchor and shared negatives
             are never gathered: they need not be. Ranks may hold different N.
+        directions: the softmax blocks of term (i, k), a tuple holding ``"anchor_to_positive"`` (the above) and
+            any of ``"positive_to_anchor"`` (``s(a_j, p_ik)`` for every row j; j = i is the positive pair again),
+            ``"anchor_to_anchor"`` (``s(a_i, a_j)``, j != i) and ``"positive_to_positive"`` (``s(p_ik, c)`` for
+            the other rows' positives and negatives). All but the first need ``in_batch``. Names and values as in
+            sentence-transformers' MultipleNegativesRankingLoss.
+        partition: ``"joint"``, one softmax over every block; ``"per_direction"``, the mean over directions of
+            one softmax each (anchor_to_positive and positive_to_anchor only: the others lack the positive pair).
+        hardness_mode: ``None``, ``"in_batch"`` (other rows' candidates), ``"own"`` (the anchor's negatives) or
+            ``"all"`` (both, and the shared negatives): those anchor-to-positive logits get
+            ``+ hardness_strength * s(a_i, c).detach()``, after the division by τ.
+        hardness_strength: >= 0.
+        false_negative_margin: drop candidate c of term (i, k) when ``g(x, c) > g(a_i, p_ik) - margin``, with x
+            the block's anchor or positive and g the cosine of ``guide``'s embeddings (of the model's own, detached,
+            when ``guide`` is None); the positive pair is never dropped. It applies to every candidate, the
+            anchor's own negatives included: a weak guide also drops true hard negatives.
+        margin_strategy: ``"absolute"`` as above, or ``"relative"``: ``g(a_i, p_ik) - |g(a_i, p_ik)| * margin``.
+        guide: ``(anchors [N, g], positives [N, g] or [N, K, g], negatives [N, M, g] or None)`` embeddings of a
+            guide model (any width g; no gradient flows into them), for ``false_negative_margin``.
 
     Returns:
         A 0-d tensor with the inputs' dtype and device, differentiable w.r.t. all inputs and a tensor temperature.

@@ -1,23 +1,108 @@
-"""Smoke test of benchmarks/bench_loss.py: the tiny grid runs end to end and writes its report. No timing targets."""
+"""benchmarks/bench_loss.py and benchmarks/gpu.sh: their floors against the loop formula, and smoke runs.
+
+The floors are what every method's speed is measured against, so they are checked here against the independent
+loop-by-loop formula (``formula.py``), value and gradients. The smoke runs (slow) only show that the scripts run end
+to end and write their reports: no timing targets.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_loss.py"
+import pytest
+import torch
+from formula import infonce_loop
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_loss.py"
+GPU_SCRIPT = ROOT / "benchmarks" / "gpu.sh"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def _bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_loss", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_loss", module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _bench()
+
+
+@pytest.mark.parametrize(
+    ("in_batch", "option"),
+    [
+        pytest.param(False, None, id="per-anchor"),
+        pytest.param(True, None, id="in-batch"),
+        pytest.param(True, "4dir", id="4dir"),
+        pytest.param(True, "hardness", id="hardness"),
+        pytest.param(True, "guide", id="guide"),
+    ],
+)
+def test_floor_equals_the_loop_formula(in_batch: bool, option: str | None) -> None:
+    gen = torch.Generator().manual_seed(3)
+    shapes = ((5, 6), (5, 6), (5, 3, 6))
+    a, p, n = (torch.randn(s, generator=gen, dtype=torch.float64, requires_grad=True) for s in shapes)
+    if option is None:
+        got = bench.floor_loss(a, p, n, in_batch)
+    else:
+        got = bench.option_floor(a, p, n, option)
+    # formula.py takes the same keyword names as pt.infonce.
+    want = infonce_loop(a, p, n, bench.TAU, in_batch=in_batch, **bench.OPTIONS.get(option, {}))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad(got, (a, p, n))
+    torch.testing.assert_close(grads, torch.autograd.grad(want, (a, p, n)), rtol=1e-9, atol=1e-10)
+    if option is not None:  # the option changes the loss: the test is not comparing two plain in-batch losses
+        assert abs(got.item() - bench.floor_loss(a, p, n, True).item()) > 1e-3
+
+
+def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
 def test_quick_grid_writes_table_and_plot(tmp_path: Path) -> None:
     # One thread: the run is shorter on a busy machine. The timeout only guards against a hang (about 1 min
     # normally, with a dozen short-lived memory subprocesses).
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--repeats", "1", "--many", "1", "--threads", "1"]
+    _run([*cmd, "--out", str(tmp_path)], timeout=600)
     table = (tmp_path / "results.md").read_text()
     for method in ("floor", "pml_triplets", "pml_triplets[pml]", "recipe"):
-        assert f"| {method} |" in table
-    assert "## Targets" in table
+        assert f"| per-anchor | 64 | 4 | {method} |" in table
+    for option in bench.OPTIONS:
+        assert f"| in-batch + {option} | 32 | 4 | pml_triplets |" in table
+    assert "## Targets" in table and "## Compiled" not in table
     assert (tmp_path / "results.png").read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.slow
+def test_compiled_quick_run_reports_fullgraph(tmp_path: Path) -> None:
+    # Two configurations, the floor and the fullgraph=True wrapper: two or four compilations (tens of seconds).
+    cmd = [sys.executable, str(SCRIPT), "--compile", "only", "--config", "pa:16:2", "--config", "ib:8:2:guide"]
+    cmd += ["--methods", "floor,pml_triplets[fullgraph]", "--d", "16", "--repeats", "1", "--threads", "1"]
+    _run([*cmd, "--no-memory", "--out", str(tmp_path)], timeout=600)
+    table = (tmp_path / "results.md").read_text()
+    assert "## Compiled" in table and "## Eager" not in table
+    for kind, n in (("per-anchor", 16), ("in-batch + guide", 8)):
+        assert f"| {kind} | {n} | 2 | floor |" in table
+        assert f"| {kind} | {n} | 2 | pml_triplets[fullgraph] |" in table
+    assert "| fullgraph=True compiles at every configuration |" in table
+
+
+@pytest.mark.slow
+def test_gpu_script_quick_on_the_cpu(tmp_path: Path) -> None:
+    # Every step of the GPU script at tiny sizes on the CPU (CUDA tests skip): about 2 minutes on a quiet machine.
+    done = _run(["bash", str(GPU_SCRIPT), "--device", "cpu", "--quick", "--out", str(tmp_path)], timeout=900)
+    for step in ("tests", "check", "eager", "compiled", "large-float32", "large-bfloat16"):
+        assert f"{step}: exit 0" in done.stdout
+        assert (tmp_path / f"{step}.log").is_file()
+    for run in ("eager", "compiled", "large-float32", "large-bfloat16"):
+        assert "## Targets" in (tmp_path / run / "results.md").read_text()

@@ -6,7 +6,7 @@ so DDP's gradient averaging gives the update of one process holding the whole ba
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -72,7 +72,7 @@ def gather_rows(tensors: list[torch.Tensor | None], n: int) -> tuple[list[torch.
             continue
         padded = _pad_rows(t, widest)
         if t.is_floating_point():
-            full = _AllGather.apply(padded)
+            full = cast(torch.Tensor, _AllGather.apply(padded))  # type: ignore[no-untyped-call]
         else:
             parts = [torch.empty_like(padded) for _ in range(size)]
             dist.all_gather(parts, padded.contiguous())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from pytorch_metric_learning.reducers import PerAnchorReducer
 
@@ -44,5 +46,5 @@ def reduce(config: Config, losses: torch.Tensor, anchors: torch.Tensor, k: int) 
     loss_fn.add_embedding_regularization_to_loss_dict(loss_dict, anchors)
     out = loss_fn.reducer(loss_dict, anchors, None)
     if isinstance(out, dict):  # a reducer that, like DoNothingReducer, returns the loss dict
-        return out["loss"]["losses"]
-    return out
+        return cast(torch.Tensor, out["loss"]["losses"])
+    return cast(torch.Tensor, out)

@@ -13,7 +13,7 @@ not know, ``rows`` maps it over the anchors with ``torch.vmap``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,7 @@ class Similarity:
         """Rows normalized as the distance would (over the last dim), or ``x`` unchanged."""
         if self.distance is None:
             return F.normalize(x, dim=-1)
-        return self.distance.maybe_normalize(x, dim=-1)
+        return cast(torch.Tensor, self.distance.maybe_normalize(x, dim=-1))
 
     def _finish(self, mat: torch.Tensor) -> torch.Tensor:
         if self.distance is None:

@@ -307,7 +307,8 @@ def _unit(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Guide embeddings as detached unit rows in the working dtype, positives as (N, K, g)."""
     ga, gp, gn = (None if g is None else F.normalize(g.detach().to(work), dim=-1) for g in guides)
-    assert ga is not None and gp is not None
+    assert ga is not None
+    assert gp is not None
     return ga, gp.reshape(n, k, -1), gn
 
 

@@ -30,6 +30,7 @@ import argparse
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 import torch
 from pytorch_metric_learning.losses import NTXentLoss
@@ -166,7 +167,9 @@ def _methods(case: _Case, dtype: torch.dtype, tau: float) -> dict[str, Method]:
     def recipe(x: dict[str, torch.Tensor], opt: dict[str, object]) -> torch.Tensor:
         n, m = x["negatives"].shape[:2]
         emb = concat_embeddings(x["anchors"], x["positives"], x["negatives"])
-        return NTXentLoss(temperature=tau)(emb, indices_tuple=build_indices(n, m, device=emb.device))
+        return cast(
+            torch.Tensor, NTXentLoss(temperature=tau)(emb, indices_tuple=build_indices(n, m, device=emb.device))
+        )
 
     methods: dict[str, Method] = {"infonce": default, "infonce[pml]": pml}
     # Plain PML over build_indices covers only [N, d] positives and [N, M, d] negatives, and computes in the
@@ -183,7 +186,9 @@ def _loss_and_grads(
     leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
     value = method(leaves, options)
     grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
-    zeros_if_none = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)}
+    zeros_if_none = {
+        k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads, strict=True)
+    }
     return float(value.detach()), zeros_if_none
 
 

@@ -27,7 +27,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 from pytorch_metric_learning.losses import NTXentLoss
@@ -237,9 +237,11 @@ def make_triplets(
 def article_recipe_loss(
     anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, temperature: float
 ) -> torch.Tensor:
-    """The recipe as the article publishes it: ``NTXentLoss`` over :func:`~pml_triplets.concat_embeddings` with
-    ``repeat``-built indices. It compares anchor ``j % N`` with negative row ``j``, which belongs to anchor
-    ``j // M``: anchors meet other anchors' negatives (possibly of their own class), not their own.
+    """The recipe as the article publishes it, mis-pairing included.
+
+    ``NTXentLoss`` over :func:`~pml_triplets.concat_embeddings` with ``repeat``-built indices. It compares anchor
+    ``j % N`` with negative row ``j``, which belongs to anchor ``j // M``: anchors meet other anchors' negatives
+    (possibly of their own class), not their own.
 
     Args:
         anchors: ``[N, d]``.
@@ -256,7 +258,7 @@ def article_recipe_loss(
     p = torch.arange(n, 2 * n, device=dev).repeat(m)
     neg = torch.arange(2 * n, 2 * n + n * m, device=dev)
     emb = concat_embeddings(anchors, positives, negatives)
-    return NTXentLoss(temperature=temperature)(emb, indices_tuple=(a, p, neg))
+    return cast(torch.Tensor, NTXentLoss(temperature=temperature)(emb, indices_tuple=(a, p, neg)))
 
 
 def train(
@@ -332,7 +334,7 @@ def embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``model(x)`` in eval mode without gradient: ``[N, D] -> [N, d]``."""
     model.eval()
     with torch.no_grad():
-        return model(x)
+        return cast(torch.Tensor, model(x))
 
 
 def evaluate(embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -371,7 +373,7 @@ def format_table(rows: Mapping[str, Mapping[str, float]], first: str = "embeddin
     widths = [max(len(row[j]) for row in cells) for j in range(len(cells[0]))]
 
     def line(row: Sequence[str]) -> str:
-        return "| " + " | ".join(s.ljust(w) for s, w in zip(row, widths)) + " |"
+        return "| " + " | ".join(s.ljust(w) for s, w in zip(row, widths, strict=True)) + " |"
 
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(cells[0]), rule, *(line(row) for row in cells[1:])])
@@ -386,7 +388,7 @@ def pca_2d(x: torch.Tensor) -> torch.Tensor:
     _, _, vh = torch.linalg.svd(centered, full_matrices=False)
     comps = vh[:2]  # (2, D)
     sign = comps.gather(1, comps.abs().argmax(dim=1, keepdim=True)).sign()
-    return (centered @ (comps * sign).T).float()
+    return cast(torch.Tensor, (centered @ (comps * sign).T).float())
 
 
 def plot_loss(ax: Axes, history: History) -> None:
@@ -401,8 +403,11 @@ def plot_loss(ax: Axes, history: History) -> None:
 
 
 def plot_projection(ax: Axes, embeddings: torch.Tensor, labels: torch.Tensor, title: str = "") -> None:
-    """Scatter of the 2-D PCA of the L2-normalised ``[N, d]`` embeddings, one colour per class, and a legend of the
-    classes outside the axes on the right (labels drawn at the class centroids pile up where classes are mixed)."""
+    """Scatter of the 2-D PCA of the L2-normalised ``[N, d]`` embeddings, one colour per class.
+
+    A legend of the classes sits outside the axes on the right (labels drawn at the class centroids pile up where
+    classes are mixed).
+    """
     from matplotlib import colormaps
 
     xy = pca_2d(torch.nn.functional.normalize(embeddings.float(), dim=1))
@@ -615,8 +620,11 @@ def _check_labels(labels: torch.Tensor, n: int | None) -> int:
 
 
 def _class_layout(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Images sorted by class: ``order`` ``[N]``, each class's ``start`` and ``count`` ``[C]``, and ``rank``
-    ``[N]``, the position of each image in ``order``."""
+    """Images sorted by class.
+
+    Returns ``order`` ``[N]``, each class's ``start`` and ``count`` ``[C]``, and ``rank`` ``[N]``, the position of
+    each image in ``order``.
+    """
     order = torch.argsort(labels, stable=True)
     count = torch.bincount(labels)
     start = count.cumsum(0) - count
@@ -632,8 +640,10 @@ def _fewest_other_class(labels: torch.Tensor) -> int:
 
 
 def _uniform_below(high: torch.Tensor, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-    """Integers uniform in ``[0, high)``, elementwise (``high`` broadcasts to ``shape``); float64 keeps the
-    product below ``high``."""
+    """Integers uniform in ``[0, high)``, elementwise (``high`` broadcasts to ``shape``).
+
+    float64 keeps the product below ``high``.
+    """
     u = torch.rand(shape, generator=generator, dtype=torch.float64)
     return (u * high).long().clamp_max(high - 1)
 

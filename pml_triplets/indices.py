@@ -110,7 +110,9 @@ def pairing_matrix(indices_tuple: IndicesTuple, n: int, m: int) -> torch.Tensor:
     if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
         raise TypeError("`indices_tuple` must be a 3-tuple (a, p, n) or a 4-tuple (a1, p, a2, n) of tensors")
     parts = []
-    for name, t in zip(("a", "p", "n") if len(indices_tuple) == 3 else ("a1", "p", "a2", "n"), indices_tuple):
+    for name, t in zip(
+        ("a", "p", "n") if len(indices_tuple) == 3 else ("a1", "p", "a2", "n"), indices_tuple, strict=True
+    ):
         if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.ndim != 1:
             raise TypeError(f"`indices_tuple` entry `{name}` must be a 1-D integer tensor; got {t!r:.80}")
         parts.append(t.detach().long().cpu())

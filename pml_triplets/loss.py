@@ -8,6 +8,7 @@ temperature. PML calls it ``NTXentLoss``.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from pytorch_metric_learning.losses import NTXentLoss
@@ -26,7 +27,7 @@ def _temperature(config: Config) -> Temperature:
     if config.temperature is not None:
         return config.temperature
     assert config.loss_fn is not None  # make_config leaves temperature None only for a given loss_fn
-    return config.loss_fn.temperature
+    return cast(Temperature, config.loss_fn.temperature)
 
 
 def _compute(
@@ -243,6 +244,7 @@ class InfoNCE(nn.Module):
         false_negative_margin: float | None = None,
         margin_strategy: MarginStrategy = "absolute",
     ) -> None:
+        """Check the configuration once; see the class docstring for the arguments."""
         super().__init__()
         self.config = make_config(
             temperature=temperature,
@@ -298,6 +300,7 @@ class InfoNCE(nn.Module):
         )
 
     def extra_repr(self) -> str:
+        """The temperature now, whether it is learnable, and whether in-batch negatives are used."""
         learn = ", learnable" if self.log_temperature is not None else ""
         tau = float(torch.as_tensor(self.temperature).detach())
         return f"temperature={tau:.4g}{learn}, in_batch={self.config.in_batch}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ def _sim(kind: Similarity, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return F.normalize(c, dim=-1) @ F.normalize(a, dim=0)
     if kind == "dot":
         return c @ a
-    return -torch.linalg.vector_norm(c - a, dim=-1)
+    return -cast(torch.Tensor, torch.linalg.vector_norm(c - a, dim=-1))
 
 
 def reference_infonce(
@@ -89,7 +89,7 @@ def reference_infonce(
             cands += list(shared_negatives.to(f64))
             cand_ids += [None] * shared_negatives.shape[0]
         own = set() if pid is None else set(pid[i])
-        cands = [c for c, c_id in zip(cands, cand_ids) if c_id is None or c_id not in own]
+        cands = [c for c, c_id in zip(cands, cand_ids, strict=True) if c_id is None or c_id not in own]
         neg_logits = _sim(similarity, a[i], torch.stack(cands)) / tau if cands else a.new_zeros(0)
         for kk in range(k):
             pos_logit = _sim(similarity, a[i], p[i, kk][None])[0] / tau

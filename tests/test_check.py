@@ -153,7 +153,9 @@ def test_main_exit_status(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captur
     argv = ["--n", "6", "--m", "3", "--d", "5"]
     assert check.main(argv) == 0
     out = capsys.readouterr().out
-    assert "grad err" in out and " 0 failed" in out and " NO" not in out
+    assert "grad err" in out
+    assert " 0 failed" in out
+    assert " NO" not in out
     monkeypatch.setattr(check, "infonce", one_percent_off)
     assert check.main(argv) == 1
     assert " NO" in capsys.readouterr().out

@@ -26,7 +26,8 @@ def test_no_command_prints_help_to_stderr_and_exits_2(capsys: pytest.CaptureFixt
     out, err = capsys.readouterr()
     assert out == ""
     assert err.startswith("usage: python -m pml_triplets [-h] [--version] COMMAND ...")
-    assert "check " in err and "demo " in err
+    assert "check " in err
+    assert "demo " in err
 
 
 def test_module_entry_point() -> None:
@@ -46,7 +47,8 @@ def test_help_texts_are_clean(argv: list[str], capsys: pytest.CaptureFixture[str
     assert main([*argv, "--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: {' '.join(['python -m pml_triplets', *argv])} ")
-    assert "``" not in out and ":func:" not in out  # no raw docstrings
+    assert "``" not in out
+    assert ":func:" not in out
     if argv:
         assert "(default: " in out
 
@@ -104,8 +106,12 @@ def test_usage_errors(argv: list[str], message: str, capsys: pytest.CaptureFixtu
 def test_check_command_prints_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "--n", "5", "--m", "3", "--d", "4"]) == 0
     out = capsys.readouterr().out
-    assert "|d loss|" in out and "grad err" in out and "bfloat16" in out and "in-batch+ids+mask,K=2" in out
-    assert " 0 failed" in out and " NO" not in out
+    assert "|d loss|" in out
+    assert "grad err" in out
+    assert "bfloat16" in out
+    assert "in-batch+ids+mask,K=2" in out
+    assert " 0 failed" in out
+    assert " NO" not in out
 
 
 SCRIPT = Path(sys.executable).with_name("pml-triplets")

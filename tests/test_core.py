@@ -99,7 +99,8 @@ def test_matches_formula(n: int, m: int, d: int, device: str, dtype: torch.dtype
     a, p, neg = (x.to(device=device, dtype=dtype) for x in triplets(n, m, d, seed=n * 10 + m))
     loss = pt.infonce(a, p, neg, temperature=0.1)
     expected = infonce_loop(a.cpu(), p.cpu(), neg.cpu(), 0.1)
-    assert loss.dtype == dtype and loss.device.type == device
+    assert loss.dtype == dtype
+    assert loss.device.type == device
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(loss.double().cpu(), expected, rtol=rtol, atol=atol)
 
@@ -110,8 +111,9 @@ def test_gradients_match_formula(n: int, m: int, d: int, device: str) -> None:
     pt.infonce(a, p, neg, temperature=0.3).backward()
     leaves = [x.detach().cpu().requires_grad_() for x in (a, p, neg)]
     infonce_loop(*leaves, 0.3).backward()
-    for got, want in zip((a, p, neg), leaves):
-        assert got.grad is not None and want.grad is not None
+    for got, want in zip((a, p, neg), leaves, strict=True):
+        assert got.grad is not None
+        assert want.grad is not None
         torch.testing.assert_close(got.grad.cpu(), want.grad, rtol=TOL[F64][0], atol=1e-12)  # entries are >> 1e-12
 
 
@@ -124,7 +126,8 @@ def test_n1_m1_has_value_and_gradient_where_pml_returns_zero() -> None:
         loss = pt.infonce(a, p, neg, engine=engine)
         assert loss.item() == pytest.approx(infonce_loop(a, p, neg).item(), rel=1e-12)
         loss.backward()
-        assert a.grad is not None and a.grad.abs().sum() > 0
+        assert a.grad is not None
+        assert a.grad.abs().sum() > 0
 
 
 def test_reference_infonce_matches_formula() -> None:
@@ -182,7 +185,8 @@ def test_concat_embeddings_layout() -> None:
     a, p, neg = triplets(3, 2, 4)
     emb = pt.concat_embeddings(a, p, neg)
     assert emb.shape == (3 + 3 + 6, 4)
-    assert torch.equal(emb[:3], a) and torch.equal(emb[3:6], p)
+    assert torch.equal(emb[:3], a)
+    assert torch.equal(emb[3:6], p)
     assert torch.equal(emb[6 + 1 * 2 + 1], neg[1, 1])
 
 
@@ -227,17 +231,22 @@ def test_module_moves_with_to(device: str) -> None:
     assert {"loss_fn", "loss_fn.distance"} <= {name for name, _ in crit.named_modules()}
 
     assert crit.to(torch.float64) is crit
-    assert crit.loss_fn is fn and fn.probe.dtype == F64
-    assert isinstance(crit.log_temperature, nn.Parameter) and crit.log_temperature.dtype == F64
+    assert crit.loss_fn is fn
+    assert fn.probe.dtype == F64
+    assert isinstance(crit.log_temperature, nn.Parameter)
+    assert crit.log_temperature.dtype == F64
 
     crit.to(device)
-    assert fn.probe.device.type == device and crit.log_temperature.device.type == device
+    assert fn.probe.device.type == device
+    assert crit.log_temperature.device.type == device
     a, p, neg = (x.to(device) for x in triplets(4, 3, 5, seed=13))
     loss = crit(a, p, neg)
-    assert loss.dtype == F64 and loss.device.type == device
+    assert loss.dtype == F64
+    assert loss.device.type == device
     want = infonce_loop(a.cpu(), p.cpu(), neg.cpu(), crit.log_temperature.detach().cpu().exp())
     assert loss.item() == pytest.approx(want.item(), rel=1e-12)
     assert fn.temperature == 0.2  # the learnable temperature is handed to the computation, never written into fn
 
     crit.to("meta")  # never the default device: fails on a CPU-only machine too if something stays behind
-    assert fn.probe.device.type == "meta" and crit.log_temperature.device.type == "meta"
+    assert fn.probe.device.type == "meta"
+    assert crit.log_temperature.device.type == "meta"

@@ -35,12 +35,15 @@ def table_row(out: str, name: str) -> dict[str, float]:
     """The metrics of row ``name`` of the table ``main`` prints."""
     match = re.search(rf"^\| {re.escape(name)} +\| ([0-9.]+) +\| ([0-9.]+) +\|$", out, re.MULTILINE)
     assert match, f"no table row {name!r} in:\n{out}"
-    return dict(zip(demo.METRICS, map(float, match.groups())))
+    return dict(zip(demo.METRICS, map(float, match.groups()), strict=True))
 
 
 def test_split_is_stratified_and_fixed(split: demo.DigitsSplit) -> None:
-    assert split.x_train.shape == (1257, 64) and split.x_test.shape == (540, 64)
-    assert split.x_train.dtype == torch.float32 and split.x_train.min() >= 0 and split.x_train.max() <= 1
+    assert split.x_train.shape == (1257, 64)
+    assert split.x_test.shape == (540, 64)
+    assert split.x_train.dtype == torch.float32
+    assert split.x_train.min() >= 0
+    assert split.x_train.max() <= 1
     assert torch.equal(split.y_test, demo.load_digits_split().y_test)
     per_class = torch.bincount(torch.cat([split.y_train, split.y_test]))
     assert (torch.bincount(split.y_test) - 0.3 * per_class).abs().max() <= 1  # stratified
@@ -85,7 +88,9 @@ def test_progress_bar_only_on_a_terminal(
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     demo.train(demo.make_embedder(), x, y, epochs=2, negatives=2, mode="random", progress=True)
     err = capsys.readouterr().err
-    assert "\r" in err and "training: 100%" in err and "loss=" in err  # tqdm's bar and postfix
+    assert "\r" in err
+    assert "training: 100%" in err
+    assert "loss=" in err
     assert "epoch 1/2" not in err
     demo.train(demo.make_embedder(), x, y, epochs=1, negatives=2, mode="random")  # progress=False: silent
     assert capsys.readouterr().err == ""
@@ -134,7 +139,8 @@ def test_projection_legend_labels_do_not_overlap(split: demo.DigitsSplit) -> Non
     ax = fig.subplots()
     demo.plot_projection(ax, demo.embed(demo.make_embedder(), split.x_test), split.y_test)  # classes mixed
     legend = ax.get_legend()
-    assert legend is not None and [t.get_text() for t in legend.get_texts()] == [str(c) for c in range(10)]
+    assert legend is not None
+    assert [t.get_text() for t in legend.get_texts()] == [str(c) for c in range(10)]
     assert len(ax.texts) == 0  # no labels drawn at the centroids
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
@@ -210,7 +216,8 @@ def test_make_embedder_leaves_global_rng_alone() -> None:
 
 def check_triplets(trip: demo.Triplets, labels: torch.Tensor, m: int) -> None:
     n = len(labels)
-    assert trip.positives.shape == (n,) and trip.negatives.shape == (n, m)
+    assert trip.positives.shape == (n,)
+    assert trip.negatives.shape == (n, m)
     assert (labels[trip.positives] == labels).all()
     assert (trip.positives != torch.arange(n)).all()
     assert (labels[trip.negatives] != labels[:, None]).all()
@@ -234,7 +241,8 @@ def test_hard_triplets_come_from_the_pool(split: demo.DigitsSplit) -> None:
     check_triplets(trip, y, 5)
     for i in range(0, len(y), 97):
         chosen = trip.negatives[i].tolist()
-        assert len(set(chosen)) == 5 and set(chosen) <= set(pool[i].tolist())
+        assert len(set(chosen)) == 5
+        assert set(chosen) <= set(pool[i].tolist())
 
 
 def test_hard_negative_pool_is_nearest_other_class(split: demo.DigitsSplit) -> None:
@@ -276,7 +284,8 @@ def test_article_recipe_objective_trains(split: demo.DigitsSplit) -> None:
     model = demo.make_embedder(seed=0)
     x, y = split.x_train[:256], split.y_train[:256]
     history = demo.train(model, x, y, epochs=1, negatives=4, mode="random", objective="article-recipe")
-    assert len(history.step_losses) == 2 and all(v > 0 for v in history.step_losses)
+    assert len(history.step_losses) == 2
+    assert all(v > 0 for v in history.step_losses)
     with pytest.raises(ValueError, match="objective"):
         demo.train(model, x, y, epochs=1, objective="triplet")  # type: ignore[arg-type]
 
@@ -291,7 +300,8 @@ def test_evaluate_perfect_and_pca() -> None:
     emb = torch.nn.functional.one_hot(labels, 4).float() + 0.01 * torch.randn(20, 4)
     assert demo.evaluate(emb, labels) == pytest.approx({m: 1.0 for m in demo.METRICS})
     xy = demo.pca_2d(torch.randn(30, 5) * torch.tensor([5.0, 3.0, 1.0, 0.5, 0.1]))
-    assert xy.shape == (30, 2) and xy[:, 0].var() >= xy[:, 1].var()
+    assert xy.shape == (30, 2)
+    assert xy[:, 0].var() >= xy[:, 1].var()
 
 
 def test_importing_the_package_does_not_import_the_demo() -> None:

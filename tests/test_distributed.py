@@ -241,7 +241,7 @@ def test_gathered_loss_is_the_global_loss(ranks: list[dict[str, Any]], name: str
     losses = [ranks[r][name]["loss"] for r in range(WORLD)]
     want = global_result(case)["loss"]
     # Each rank's loss is the mean over its own anchors: weighting by N_r gives the mean over all anchors.
-    close(sum(n * v for n, v in zip(sizes, losses)) / sum(sizes), want)
+    close(sum(n * v for n, v in zip(sizes, losses, strict=True)) / sum(sizes), want)
     if len(set(sizes)) == 1:
         close(torch.stack(losses).mean(), want)  # equal N: the plain mean DDP users log
     # And the global value is the formula's, written independently of the package.

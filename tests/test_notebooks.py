@@ -80,7 +80,8 @@ def test_python3_kernel_is_this_interpreter(tmp_path: Path) -> None:
     probe = nbformat.v4.new_notebook()
     probe.cells.append(nbformat.v4.new_code_cell("import sys\nprint(sys.prefix)"))
     out = generator().execute(probe, tmp_path).cells[0].outputs
-    assert out and out[0].text.strip() == sys.prefix, "the python3 kernel spec resolves to another Python"
+    assert out, "the probe cell printed nothing"
+    assert out[0].text.strip() == sys.prefix, "the python3 kernel spec resolves to another Python"
 
 
 @pytest.mark.slow

@@ -42,7 +42,7 @@ def assert_grads_close(
     got: list[torch.Tensor], want: tuple[torch.Tensor, ...], rtol: float, floor: float = 0.0
 ) -> None:
     """Elementwise within ``rtol`` relative, plus ``rtol`` times the largest expected entry (or ``floor``) absolute."""
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert g is not None
         atol = max(rtol * float(w.abs().max()), floor)
         torch.testing.assert_close(g.detach().double().cpu(), w, rtol=rtol, atol=atol)
@@ -378,7 +378,7 @@ def test_bitwise_deterministic_across_calls_and_single_chunk_sizes(engine: str, 
     first = run(None)
     n = tensors[0].shape[0]
     for again in (run(None), run(None), run(n), run(n + 5)):  # None picks one chunk for so small a batch
-        for x, y in zip(first, again):
+        for x, y in zip(first, again, strict=True):
             assert torch.equal(x, y)
 
 

@@ -59,7 +59,7 @@ def test_option_gradients_match_formula(which: str) -> None:
     pt.infonce(*leaves, temperature=0.2, **kw).backward()
     copies = [b[key].clone().requires_grad_() for key in TRIPLET]
     formula(*copies, 0.2, **kw).backward()
-    for got, want in zip(leaves, copies):
+    for got, want in zip(leaves, copies, strict=True):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-12)
 
 
@@ -71,7 +71,8 @@ def test_options_on_device_and_dtype(which: str, device: str, dtype: torch.dtype
     got = pt.infonce(*(b[key] for key in TRIPLET), temperature=0.2, **kw)
     want = formula(*(b[key] for key in TRIPLET), 0.2, **kw)  # on the rounded values, in float64
     rtol, atol = TOL[dtype]
-    assert got.dtype == dtype and got.device.type == device
+    assert got.dtype == dtype
+    assert got.device.type == device
     torch.testing.assert_close(got.double().cpu(), want, rtol=rtol, atol=atol)
 
 
@@ -129,7 +130,7 @@ def test_garbage_in_masked_rows_changes_nothing(engine: str, garbage: float) -> 
         loss = pt.infonce(*leaves, neg, negatives_mask=mask, in_batch=True, engine=engine)
         loss.backward()
         results.append((loss.detach(), *[x.grad for x in leaves], neg.grad))
-    for clean, dirt in zip(*results):
+    for clean, dirt in zip(*results, strict=True):
         assert torch.isfinite(dirt).all()
         torch.testing.assert_close(dirt, clean, rtol=0, atol=0)
     assert (results[1][3][~mask] == 0).all()  # no gradient reaches a masked row
@@ -179,7 +180,8 @@ def test_tensor_temperature_gradient_matches_formula() -> None:
     ).backward()
     tau_ref = torch.tensor(0.3, dtype=F64, requires_grad=True)
     formula(*(b[key] for key in TRIPLET), tau_ref, negatives_mask=b["negatives_mask"], in_batch=True).backward()
-    assert tau.grad is not None and tau_ref.grad is not None
+    assert tau.grad is not None
+    assert tau_ref.grad is not None
     assert tau.grad.item() == pytest.approx(tau_ref.grad.item(), rel=1e-9)
 
 
@@ -209,4 +211,5 @@ def test_learnable_temperature_gets_zero_gradient_when_every_negative_is_masked(
     loss = crit(b["anchors"], b["positives"], b["negatives"], negatives_mask=mask)
     loss.backward()
     assert loss.item() == 0.0
-    assert crit.log_temperature.grad is not None and crit.log_temperature.grad.item() == 0.0
+    assert crit.log_temperature.grad is not None
+    assert crit.log_temperature.grad.item() == 0.0

@@ -82,7 +82,7 @@ def loss_and_grads(fn: Any, b: dict[str, torch.Tensor], m: int) -> Result:
 def check(who: str, got: Result, want: Result) -> None:
     loss, grads = got
     torch.testing.assert_close(loss, want[0], **TOL, msg=lambda s: f"[{who}] loss differs from the peer: {s}")
-    for name, x, y in zip(("anchors", "positives", "negatives"), grads, want[1]):
+    for name, x, y in zip(("anchors", "positives", "negatives"), grads, want[1], strict=True):
         torch.testing.assert_close(x, y, **TOL, msg=lambda s, name=name: f"[{who}] d/d{name} differs: {s}")
 
 
@@ -280,7 +280,8 @@ def clip_loss_class() -> type[nn.Module]:
         pytest.skip("open_clip_torch is not installed (it is not in the dev extra: it pulls CUDA torch)")
     path = Path(next(iter(spec.submodule_search_locations))) / "loss.py"
     module_spec = importlib.util.spec_from_file_location("_open_clip_loss", path)
-    assert module_spec is not None and module_spec.loader is not None
+    assert module_spec is not None
+    assert module_spec.loader is not None
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.ClipLoss  # type: ignore[no-any-return]

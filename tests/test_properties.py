@@ -92,7 +92,7 @@ def _run(case: Case, engine: str, *, chunk_size: int | None = None, **overrides:
 
 
 def _assert_all_close(got: list[torch.Tensor], want: list[torch.Tensor], rtol: float, atol: float) -> None:
-    for x, y in zip(got, want):
+    for x, y in zip(got, want, strict=True):
         torch.testing.assert_close(x, y, rtol=rtol, atol=atol * max(1.0, float(y.abs().max())))
 
 
@@ -122,7 +122,7 @@ def test_matches_formula(case: Case, engine: str, dist: str) -> None:
     # The formula's sqrt has no gradient at distance 0 (NaN), which d = 1 with LpDistance() hits often; the
     # library must stay finite there (torch.cdist gives 0) and match the formula everywhere else.
     want_grads = torch.autograd.grad(want, ys, allow_unused=True)
-    for g, w in zip(got[1:], want_grads):
+    for g, w in zip(got[1:], want_grads, strict=True):
         assert torch.isfinite(g).all()
         w = torch.zeros_like(g) if w is None else w
         defined = torch.isfinite(w)
@@ -231,9 +231,9 @@ def test_cosine_loss_is_scale_invariant(case: Case, engine: str, log_c: float) -
         return 10.0 ** (6 * torch.rand(*x.shape[:-1], 1, generator=g, dtype=F64) - 3)
 
     scales = [scale_rows(t) for t in case.tensors]
-    scaled = [s * t for s, t in zip(scales, case.tensors)]
+    scaled = [s * t for s, t in zip(scales, case.tensors, strict=True)]
     moved = replace(case, a=scaled[0], p=scaled[1], n=scaled[2], shared=scaled[3] if case.shared is not None else None)
     got = _run(moved, engine)
     torch.testing.assert_close(got[0], base[0], **TIGHT)
-    for grad, s, ref in zip(got[1:], scales, base[1:]):
+    for grad, s, ref in zip(got[1:], scales, base[1:], strict=True):
         torch.testing.assert_close(grad * s, ref, rtol=1e-9, atol=1e-9 * max(1.0, float(ref.abs().max())))

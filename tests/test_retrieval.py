@@ -75,7 +75,7 @@ def resolve(b: dict[str, torch.Tensor], which: str) -> tuple[dict, dict]:
     ours: dict = {}
     ref: dict = {}
     for name in which.split("+"):
-        for out, opts in zip((ours, ref), OPTIONS[name]):
+        for out, opts in zip((ours, ref), OPTIONS[name], strict=True):
             for key, v in opts.items():
                 if key == "directions" and key in out:  # union, in canonical order
                     v = tuple(d for d in (A2P, P2A, A2A, P2P) if d in set(out[key]) | set(v))
@@ -138,7 +138,7 @@ def test_matches_formula(which: str, partition: str, k: int, chunk_size: int | N
     grads = torch.autograd.grad(loss, xs + guide, allow_unused=True)
     want, want_grads = formula(which, partition, k)
     torch.testing.assert_close(loss.detach(), want, **TOL)
-    for name, got, ref in zip(("anchors", "positives", "negatives"), grads, want_grads):
+    for name, got, ref in zip(("anchors", "positives", "negatives"), grads, want_grads, strict=True):
         torch.testing.assert_close(got, ref, **TOL, msg=lambda s, name=name: f"d/d{name}: {s}")
     for got in grads[3:]:
         assert got is None or not got.any(), "the guide must get no gradient"

@@ -128,7 +128,8 @@ def test_learnable_temperature_leaves_the_users_loss_fn_untouched() -> None:
     loss.backward()
     tau = criterion.log_temperature.detach().double().exp()
     assert_close(loss.detach(), infonce_loop(a.detach(), p.detach(), n.detach(), tau), rtol=1e-6, atol=0)
-    assert type(user.temperature) is float and user.temperature == 0.1
+    assert type(user.temperature) is float
+    assert user.temperature == 0.1
     assert_untouched(before, user)
 
     # the user's own object, two separate graphs, each backward once
@@ -136,7 +137,8 @@ def test_learnable_temperature_leaves_the_users_loss_fn_untouched() -> None:
         a, p, n = triplets(n=3, m=2, seed=seed, grad=True)
         own = user(pt.concat_embeddings(a, p, n), indices_tuple=pt.build_indices(3, 2))
         own.backward()
-        assert a.grad is not None and torch.isfinite(a.grad).all()
+        assert a.grad is not None
+        assert torch.isfinite(a.grad).all()
         assert_close(own.detach(), infonce_loop(a.detach(), p.detach(), n.detach(), 0.1), rtol=1e-9, atol=0)
     assert_untouched(before, user)
 
@@ -235,7 +237,7 @@ def test_compiled_infonce_with_parameter_temperature_equals_eager() -> None:
 
     eager = run(pt.infonce)
     compiled = run(torch.compile(pt.infonce, fullgraph=True, backend="aot_eager"))
-    for c, e in zip(compiled, eager):
+    for c, e in zip(compiled, eager, strict=True):
         assert_close(c, e, rtol=1e-10, atol=1e-10)
 
 
@@ -258,8 +260,9 @@ def test_compiled_learnable_temperature_module_equals_eager() -> None:
     eager = run(eager_module, eager_module)
     module = pt.InfoNCE(temperature=0.1, learnable_temperature=True)
     compiled = run(module, torch.compile(module, fullgraph=True, backend="aot_eager"))
-    for c, e in zip(compiled, eager):
-        assert c is not None and e is not None
+    for c, e in zip(compiled, eager, strict=True):
+        assert c is not None
+        assert e is not None
         assert_close(c, e, rtol=1e-5, atol=1e-7)
 
 
@@ -338,7 +341,7 @@ def test_func_grad_equals_formula_gradient(chunk: int | None, option: str) -> No
     a, p, n, sh = func_problem(21)
     grads = torch.func.grad(func_loss(chunk, option), argnums=(0, 1, 2))(a, p, n, sh)
     _, ref = func_reference(option, a, p, n, sh)
-    for g, r in zip(grads, ref):
+    for g, r in zip(grads, ref, strict=True):
         assert_close(g, r, rtol=1e-9, atol=1e-9)
 
 
@@ -350,7 +353,7 @@ def test_func_vjp_equals_formula(chunk: int | None, option: str) -> None:
     grads = pullback(torch.tensor(1.7, dtype=F64))
     ref_value, ref = func_reference(option, a, p, n, sh)
     assert_close(value, ref_value, rtol=1e-9, atol=1e-9)
-    for g, r in zip(grads[:3], ref):
+    for g, r in zip(grads[:3], ref, strict=True):
         assert_close(g, 1.7 * r, rtol=1e-9, atol=1e-9)
 
 
@@ -359,14 +362,16 @@ def test_func_vmap_over_independent_problems_equals_formula(chunk: int | None, o
     """vmap over 3 independent problems (leading batch dim) gives each problem's value, and vmap(grad) its
     gradient, as the formula does for each problem alone."""
     problems = [func_problem(30 + b) for b in range(3)]
-    stacked = [torch.stack(parts) for parts in zip(*problems)]  # (3, N, d), (3, N, d), (3, N, M, d), (3, S, d)
+    stacked = [
+        torch.stack(parts) for parts in zip(*problems, strict=True)
+    ]  # (3, N, d), (3, N, d), (3, N, M, d), (3, S, d)
     f = func_loss(chunk, option)
     values = torch.func.vmap(f)(*stacked)
     grads = torch.func.vmap(torch.func.grad(f, argnums=(0, 1, 2)))(*stacked)
     for b, problem in enumerate(problems):
         ref_value, ref = func_reference(option, *problem)
         assert_close(values[b], ref_value, rtol=1e-9, atol=1e-9)
-        for g, r in zip(grads, ref):
+        for g, r in zip(grads, ref, strict=True):
             assert_close(g[b], r, rtol=1e-9, atol=1e-9)
 
 
@@ -446,7 +451,8 @@ def test_auto_engine_is_uncapped_for_every_distance(name: str) -> None:
     assert loss.dtype == F32
     assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=0)
     for got, want in ((a.grad, a64.grad), (p.grad, p64.grad), (n.grad, n64.grad)):
-        assert got is not None and want is not None
+        assert got is not None
+        assert want is not None
         assert got.abs().max() > 0
         assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
@@ -493,9 +499,11 @@ def check_poisoned(
     assert torch.isfinite(loss)
     assert_close(loss.detach(), ref_value, rtol=1e-9, atol=1e-9)
     for name, got in (("anchors", a.grad), ("positives", p.grad), ("negatives", n.grad)):
-        assert got is not None and torch.isfinite(got).all(), f"non-finite gradient of `{name}`"
-    assert n.grad is not None and (n.grad[row] == 0).all()
-    for got, want in zip((a.grad, p.grad, n.grad), ref):
+        assert got is not None, f"no gradient of `{name}`"
+        assert torch.isfinite(got).all(), f"non-finite gradient of `{name}`"
+    assert n.grad is not None
+    assert (n.grad[row] == 0).all()
+    for got, want in zip((a.grad, p.grad, n.grad), ref, strict=True):
         assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
@@ -535,7 +543,8 @@ def test_do_nothing_reducer_returns_per_pair_losses(dtype: torch.dtype, engine: 
     loss_fn = NTXentLoss(temperature=0.1, reducer=DoNothingReducer())
     out = pt.infonce(a, p, n, loss_fn=loss_fn, engine=engine)
     assert isinstance(out, torch.Tensor)
-    assert out.shape == (8,) and out.dtype == dtype
+    assert out.shape == (8,)
+    assert out.dtype == dtype
     weights = torch.arange(1.0, 9.0, dtype=F64)  # distinct, so the gradient pins the order too
     (out * weights.to(dtype)).sum().backward()
 
@@ -545,7 +554,8 @@ def test_do_nothing_reducer_returns_per_pair_losses(dtype: torch.dtype, engine: 
     tol = 1e-9 if dtype == F64 else 2e-5
     assert_close(out.detach().double(), ref.detach(), rtol=tol, atol=tol)
     for got, want in ((a.grad, a64.grad), (p.grad, p64.grad), (n.grad, n64.grad)):
-        assert got is not None and want is not None
+        assert got is not None
+        assert want is not None
         assert_close(got.double(), want, rtol=tol, atol=tol)
 
 
@@ -586,12 +596,15 @@ def test_do_nothing_reducer_with_regularizer_is_rejected_before_any_work(form: s
     distance, regularizer = CountingCosine(), CountingRegularizer()
     loss_fn = NTXentLoss(distance=distance, reducer=DoNothingReducer(), embedding_regularizer=regularizer)
     a, p, n = triplets(seed=62)
+    call = (
+        (lambda: pt.infonce(a, p, n, loss_fn=loss_fn))
+        if form == "function"
+        else (lambda: pt.InfoNCE(loss_fn=loss_fn)(a, p, n))
+    )
     with pytest.raises(ValueError, match="reducer"):
-        if form == "function":
-            pt.infonce(a, p, n, loss_fn=loss_fn)
-        else:
-            pt.InfoNCE(loss_fn=loss_fn)(a, p, n)
-    assert distance.uses == 0 and regularizer.uses == 0
+        call()
+    assert distance.uses == 0
+    assert regularizer.uses == 0
 
 
 # --------------------------------------------------------------------------------------------------------------

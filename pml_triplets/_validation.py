@@ -103,7 +103,7 @@ def check_temperature(temperature: object) -> Temperature:
             )
         if transformed() or temperature.device.type == "meta":
             return temperature
-        if temperature.device.type == "cpu" and not torch.compiler.is_compiling():
+        if temperature.device.type == "cpu" and not _is_compiling():
             _check_positive(float(temperature.detach()))
         else:
             ok = torch.logical_and(temperature > 0, torch.isfinite(temperature))
@@ -112,6 +112,20 @@ def check_temperature(temperature: object) -> Temperature:
     if isinstance(temperature, numbers.Real) and not isinstance(temperature, bool):
         return _check_positive(float(temperature))
     raise TypeError(f"`temperature` must be a float or a 0-d tensor; got {type(temperature).__name__}")
+
+
+def _is_compiling() -> bool:
+    # torch.compiler.is_compiling arrived in torch 2.3; torch._dynamo's has the same meaning before it.
+    return bool(getattr(torch.compiler, "is_compiling", torch._dynamo.is_compiling)())
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (``"cpu"``, ``"cuda"``, ...)."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4 takes the device type
+        return bool(torch.is_autocast_enabled(device_type))
+    if device_type == "cpu":
+        return bool(torch.is_autocast_cpu_enabled())
+    return bool(torch.is_autocast_enabled())
 
 
 def transformed() -> bool:

@@ -17,7 +17,7 @@ from torch import nn
 from ._config import DEFAULT_TEMPERATURE, Config, Engine, HardnessMode, MarginStrategy, Partition, make_config
 from ._engine import evaluate
 from ._reduce import check_reducer, reduce
-from ._validation import Batch, Guide, Temperature, prepare
+from ._validation import Batch, Guide, Temperature, autocast_enabled, prepare
 
 __all__ = ["DEFAULT_TEMPERATURE", "InfoNCE", "infonce"]
 
@@ -58,7 +58,7 @@ def _compute(
     )
     check_reducer(config, batch.spec.n, batch.spec.k)
     device = batch.spec.device.type
-    if torch.is_autocast_enabled(device):  # half inputs are computed in float32, so is everything under autocast
+    if autocast_enabled(device):  # half inputs are computed in float32, so is everything under autocast
         with torch.autocast(device, enabled=False):
             return _evaluate_and_reduce(config, batch, tau)
     return _evaluate_and_reduce(config, batch, tau)

@@ -138,7 +138,7 @@ def test_matches_formula(which: str, partition: str, k: int, chunk_size: int | N
     grads = torch.autograd.grad(loss, xs + guide, allow_unused=True)
     want, want_grads = formula(which, partition, k)
     torch.testing.assert_close(loss.detach(), want, **TOL)
-    for name, got, ref in zip(("anchors", "positives", "negatives"), grads, want_grads, strict=True):
+    for name, got, ref in zip(("anchors", "positives", "negatives"), grads[:3], want_grads, strict=True):
         torch.testing.assert_close(got, ref, **TOL, msg=lambda s, name=name: f"d/d{name}: {s}")
     for got in grads[3:]:
         assert got is None or not got.any(), "the guide must get no gradient"

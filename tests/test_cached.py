@@ -27,8 +27,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import DEVICES
 from formula import infonce_loop
+from helpers import DEVICES
 from pytorch_metric_learning import distances, losses, regularizers
 from torch import nn
 

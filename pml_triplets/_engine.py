@@ -123,6 +123,7 @@ class Context:
     g_shared: torch.Tensor | None = None  # (S, g)
     g_pool: torch.Tensor | None = None  # (R, g)
     g_anchors: torch.Tensor | None = None  # (T, g)
+    own_guide: bool = False  # the guide is the model's own embeddings (no guide given)
 
 
 def _lse(logits: torch.Tensor, guide: torch.Tensor | None, limit: torch.Tensor | None, fill: float) -> torch.Tensor:
@@ -151,6 +152,15 @@ def _dense_chunk(config: Config, k: int, tau: Temperature, r: Rows, ctx: Context
         raw = x.detach() * (tau.detach() if isinstance(tau, torch.Tensor) else tau)
         return x + opt.hardness_strength * raw
 
+    pool = ctx.pool
+    if pool is not None and k == 1 and opt.plain and pool.ids is None and ctx.shared is None:
+        # The common in-batch case as one cross-entropy, the positive in its own column: log_softmax's fused
+        # backward keeps one (C, R) tensor fewer alive than log-sum-exp minus the positive.
+        cand = logits(sim.block(qa, pool.emb))  # (C, R)
+        if pool.valid is not None:
+            cand.masked_fill_(~pool.valid, fill)
+        return F.cross_entropy(cand, _own_columns(r.global_rows, 1).squeeze(1), reduction="none")  # (C,)
+
     pos = logits(sim.rows(qa, r.p))  # (C, K)
     limit = None  # (C, K) guide similarity above which a candidate is a false negative
     if opt.margin is not None and r.ga is not None and r.gp is not None:
@@ -167,9 +177,12 @@ def _dense_chunk(config: Config, k: int, tau: Temperature, r: Rows, ctx: Context
         shared = harden(logits(sim.block(qa, ctx.shared)), ("all",))  # (C, S)
         g_sh = None if ctx.g_shared is None or r.ga is None else r.ga @ ctx.g_shared.T
         a2p.append(_lse(shared, g_sh, limit, fill))
-    pool = ctx.pool
     if pool is not None:
         cand = logits(sim.block(qa, pool.emb))  # (C, R): every row's positives and negatives, own included
+        if limit is not None and ctx.own_guide and sim.cosine:  # the guide's cosines are these logits times τ
+            g_cand: torch.Tensor | None = cand.detach() * (tau.detach() if isinstance(tau, torch.Tensor) else tau)
+        else:
+            g_cand = None if ctx.g_pool is None or r.ga is None else r.ga @ ctx.g_pool.T
         own_pos = _own_columns(r.global_rows, k)  # (C, K)
         own_neg = _own_negative_columns(r.global_rows, pool, k)  # (C, M)
         if opt.hardness_mode in ("in_batch", "all"):
@@ -185,7 +198,6 @@ def _dense_chunk(config: Config, k: int, tau: Temperature, r: Rows, ctx: Context
         excluded = _excluded(pool, r.pid)
         if excluded is not None:
             cand.masked_fill_(excluded, fill)
-        g_cand = None if ctx.g_pool is None or r.ga is None else r.ga @ ctx.g_pool.T
         a2p.append(_lse(cand, g_cand, limit, fill))
 
     parts = {A2P: _combine(a2p, r.a, fill)}  # direction -> (C, K) log-sum-exp of its negatives
@@ -322,7 +334,7 @@ def evaluate(config: Config, batch: Batch, tau: Temperature) -> torch.Tensor:
     rows = None
     if config.in_batch:
         ctx = _in_batch_context(batch, a, p, neg, guide, config.gather, A2A in opt.directions or P2A in opt.directions)
-        ctx = Context(sh, ctx.pool, ctx.anchors, g_shared, ctx.g_pool, ctx.g_anchors)
+        ctx = Context(sh, ctx.pool, ctx.anchors, g_shared, ctx.g_pool, ctx.g_anchors, batch.guide is None)
         assert ctx.pool is not None
         rows = torch.arange(spec.n, device=spec.device) + ctx.pool.offset
     g_a, g_p, g_n = (None, None, None) if guide is None else guide

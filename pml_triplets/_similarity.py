@@ -47,6 +47,12 @@ class Similarity:
         return self.kind == "dot" and (self.distance is None or self.distance.power == 1)
 
     @property
+    def cosine(self) -> bool:
+        """``s`` is the cosine similarity."""
+        d = self.distance
+        return self.linear and (d is None or (bool(d.normalize_embeddings) and d.p == 2))
+
+    @property
     def normalizes(self) -> bool:
         return self.distance is None or bool(self.distance.normalize_embeddings)
 

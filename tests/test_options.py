@@ -213,3 +213,22 @@ def test_learnable_temperature_gets_zero_gradient_when_every_negative_is_masked(
     assert loss.item() == 0.0
     assert crit.log_temperature.grad is not None
     assert crit.log_temperature.grad.item() == 0.0
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def test_in_batch_cross_entropy_path_equals_the_general_path(masked: bool) -> None:
+    # In-batch with K = 1 and no ids is one cross-entropy per anchor (the positive as its target column); ids that
+    # exclude nothing take the general path (log-sum-exp of the negatives, positive apart). Values and gradients
+    # must agree, and both must equal the formula.
+    b = batch(n=7, m=3, seed=11)
+    mask = b["negatives_mask"] if masked else None
+    no_clash = {"positive_ids": torch.arange(7), "negative_ids": torch.arange(100, 121).reshape(7, 3)}
+    results = []
+    for ids in ({}, no_clash):
+        xs = [b[key].clone().requires_grad_() for key in ("anchors", "positives", "negatives")]
+        loss = pt.infonce(*xs, temperature=0.2, in_batch=True, negatives_mask=mask, **ids)
+        results.append((loss, *torch.autograd.grad(loss, xs)))
+    for fast, general in zip(*results, strict=True):
+        torch.testing.assert_close(fast, general, rtol=1e-12, atol=1e-12)
+    want = formula(b["anchors"], b["positives"], b["negatives"], 0.2, in_batch=True, negatives_mask=mask)
+    torch.testing.assert_close(results[0][0], want, rtol=1e-12, atol=1e-12)

@@ -25,7 +25,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _bench() -> ModuleType:
     spec = importlib.util.spec_from_file_location("bench_loss", SCRIPT)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("bench_loss", module)  # dataclasses look their module up
     spec.loader.exec_module(module)
@@ -79,7 +80,8 @@ def test_quick_grid_writes_table_and_plot(tmp_path: Path) -> None:
         assert f"| per-anchor | 64 | 4 | {method} |" in table
     for option in bench.OPTIONS:
         assert f"| in-batch + {option} | 32 | 4 | pml_triplets |" in table
-    assert "## Targets" in table and "## Compiled" not in table
+    assert "## Targets" in table
+    assert "## Compiled" not in table
     assert (tmp_path / "results.png").read_bytes().startswith(PNG_MAGIC)
 
 
@@ -90,7 +92,8 @@ def test_compiled_quick_run_reports_fullgraph(tmp_path: Path) -> None:
     cmd += ["--methods", "floor,pml_triplets[fullgraph]", "--d", "16", "--repeats", "1", "--threads", "1"]
     _run([*cmd, "--no-memory", "--out", str(tmp_path)], timeout=600)
     table = (tmp_path / "results.md").read_text()
-    assert "## Compiled" in table and "## Eager" not in table
+    assert "## Compiled" in table
+    assert "## Eager" not in table
     for kind, n in (("per-anchor", 16), ("in-batch + guide", 8)):
         assert f"| {kind} | {n} | 2 | floor |" in table
         assert f"| {kind} | {n} | 2 | pml_triplets[fullgraph] |" in table

@@ -56,16 +56,16 @@ plots the time ratios):
   stopping the clock. A method whose last warm-up call takes over ``--slow-s`` seconds gets at most 3 repeats.
   Compiled: a note says so if a timed call compiled a graph (a guard failing on every call).
 * ``time ×floor`` -- that median divided by the floor's median in the same configuration and table of the same run.
-* ``peak MB`` -- peak memory above the level once the inputs exist. CUDA: ``torch.cuda.max_memory_allocated``
-  minus ``memory_allocated`` before the call, after a warm-up. CPU: each (configuration, method, eager or compiled)
-  in a fresh subprocess (``--worker``), which builds the inputs, runs the warm-up calls (compiling, if compiled),
-  returns freed heap memory (``malloc_trim``), resets the high-water mark (``/proc/self/clear_refs``), reads the
-  resident set size from ``/proc/self/statm``, runs the call and reports the new high-water mark (``VmHWM``; not
-  ``ru_maxrss``, which keeps the parent's) minus that. glibc is told to serve allocations of 64 KiB and more with
-  ``mmap`` (``MALLOC_MMAP_THRESHOLD_``) so that freed blocks leave the resident set at once: the figure is close to
-  the live tensors' peak, not to what a caching allocator keeps. It includes the inputs' gradients. The subprocess
-  runs first, with its address space capped at ``--max-gb`` above the inputs: a method that needs more is reported
-  as skipped and not timed.
+* ``peak MB`` -- peak memory above the level once the inputs exist (not measured with ``--no-memory``). CUDA:
+  ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` before the call, after a warm-up. CPU: each
+  (configuration, method, eager or compiled) in a fresh subprocess (``--worker``), which builds the inputs, runs the
+  warm-up calls (compiling, if compiled), returns freed heap memory (``malloc_trim``), resets the high-water mark
+  (``/proc/self/clear_refs``), reads the resident set size from ``/proc/self/statm``, runs the call and reports the
+  new high-water mark (``VmHWM``; not ``ru_maxrss``, which keeps the parent's) minus that. glibc is told to serve
+  allocations of 64 KiB and more with ``mmap`` (``MALLOC_MMAP_THRESHOLD_``) so that freed blocks leave the resident
+  set at once: the figure is close to the live tensors' peak, not to what a caching allocator keeps. It includes the
+  inputs' gradients. The subprocess runs first, with its address space capped at ``--max-gb`` above the inputs: a
+  method that needs more is reported as skipped and not timed.
 * ``mem ×floor`` -- peak MB divided by the floor's.
 * ``note`` -- why a cell is empty (skipped, not applicable, failed), or what else to know about it.
 

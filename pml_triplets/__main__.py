@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from . import __version__, check, demo
+from ._cli import parse
 
 __all__ = ["main"]
 
@@ -39,10 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     # The name the user typed: the console script, or the module.
     prog = "pml-triplets" if Path(sys.argv[0]).stem == "pml-triplets" else "python -m pml_triplets"
     parser = _parser(prog)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help, --version, or a usage error (already printed)
-        return exc.code if isinstance(exc.code, int) else 2
+    args = parse(parser, argv)
+    if isinstance(args, int):
+        return args
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2

@@ -36,6 +36,7 @@ import torch
 from pytorch_metric_learning.losses import NTXentLoss
 
 from . import DEFAULT_TEMPERATURE, build_indices, concat_embeddings, infonce, reference_infonce
+from ._cli import run_command
 
 __all__ = ["Row", "add_arguments", "execute", "main", "report", "run_checks"]
 
@@ -301,14 +302,4 @@ def report(rows: list[Row]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pml_triplets check [options]``; returns the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="python -m pml_triplets check",
-        description=DESCRIPTION,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_arguments(parser)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help, or a usage error (already printed)
-        return exc.code if isinstance(exc.code, int) else 2
-    return execute(args)
+    return run_command("python -m pml_triplets check", DESCRIPTION, add_arguments, execute, argv)

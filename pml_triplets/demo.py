@@ -33,6 +33,7 @@ import torch
 from pytorch_metric_learning.losses import NTXentLoss
 from torch import nn
 
+from ._cli import run_command
 from .indices import concat_embeddings
 from .loss import infonce
 
@@ -458,17 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         0 on success, 2 for bad arguments or a missing ``demo`` extra.
     """
-    parser = argparse.ArgumentParser(
-        prog="python -m pml_triplets demo",
-        description=DESCRIPTION,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_arguments(parser)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help, or a usage error (already printed)
-        return exc.code if isinstance(exc.code, int) else 2
-    return execute(args)
+    return run_command("python -m pml_triplets demo", DESCRIPTION, add_arguments, execute, argv)
 
 
 SUMMARY = "train a small embedder on scikit-learn's digits with predefined triplets (needs the demo extra)"

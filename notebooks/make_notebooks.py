@@ -1,8 +1,9 @@
-"""Write quickstart.ipynb and train_digits.ipynb from the cells below, execute them, and save them with outputs.
+"""Write quickstart.ipynb, train_digits.ipynb and retrieval_options.ipynb, execute them, and save them with outputs.
 
-Edit the cells here, then run ``python notebooks/make_notebooks.py`` (about a minute of CPU time, longer on a busy
-machine): the committed notebooks carry their outputs so that they render on GitHub. tests/test_notebooks.py checks
-that the committed cells are the ones below, that they carry outputs, and that they still execute without error.
+Edit the cells here (retrieval_options.ipynb's in retrieval_cells.py), then run
+``python notebooks/make_notebooks.py [NAME ...]`` (a few minutes of CPU time, longer on a busy machine): the
+committed notebooks carry their outputs so that they render on GitHub. tests/test_notebooks.py checks that the
+committed cells are the ones here, that they carry outputs, and that they still execute without error.
 
 Every number a markdown cell relies on is printed by the code cell next to it, and the direction of each claim is
 ``assert``-ed there, so a change that flips a claim fails the execution test instead of leaving a false sentence.
@@ -11,6 +12,7 @@ Every number a markdown cell relies on is printed by the code cell next to it, a
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -685,7 +687,22 @@ def execute(nb: NotebookNode, cwd: Path) -> NotebookNode:
     return client.execute(env=env)
 
 
-NOTEBOOKS = {"quickstart.ipynb": (QUICKSTART, "quickstart"), "train_digits.ipynb": (TRAIN_DIGITS, "digits")}
+def _retrieval_cells() -> list[Cell]:
+    # Loaded by path: this file is run as a script and also loaded by path from the tests.
+    spec = importlib.util.spec_from_file_location("retrieval_cells", HERE / "retrieval_cells.py")
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {HERE / 'retrieval_cells.py'}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cells: list[Cell] = module.CELLS
+    return cells
+
+
+NOTEBOOKS = {
+    "quickstart.ipynb": (QUICKSTART, "quickstart"),
+    "train_digits.ipynb": (TRAIN_DIGITS, "digits"),
+    "retrieval_options.ipynb": (_retrieval_cells(), "retrieval"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,30 +1,12 @@
-"""Write retrieval_options.ipynb from the cells below, execute it, and save it with outputs.
+"""The cells of retrieval_options.ipynb; ``python notebooks/make_notebooks.py`` writes and executes it.
 
-Edit the cells here, then run ``python notebooks/make_retrieval_notebook.py`` (under a minute on two CPU cores):
-the committed notebook carries its outputs so that it renders on GitHub. tests/test_notebook_retrieval.py checks
-that the committed cells are the ones below, that they carry outputs, and that they still execute without error.
-
-The notebook trains the digits embedder with each retrieval option of ``pt.infonce`` over several seeds. Its
-conclusions are printed by code cells from the measured numbers; the few directions a markdown cell relies on are
-``assert``-ed next to it, so a change that flips one fails the execution test instead of leaving a false sentence.
+The notebook trains the digits embedder with each retrieval option of ``pt.infonce`` over several seeds (about a
+minute on two CPU cores). Its conclusions are printed by code cells from the measured numbers; the few directions a
+markdown cell relies on are ``assert``-ed next to it, so a change that flips one fails the execution test
+(tests/test_notebooks.py) instead of leaving a false sentence.
 """
 
 from __future__ import annotations
-
-import os
-import sys
-import time
-from pathlib import Path
-
-import nbclient
-import nbformat
-from nbformat.notebooknode import NotebookNode
-
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-NAME = "retrieval_options.ipynb"
-PREFIX = "retrieval"
-CELL_TIMEOUT_S = 300
 
 Cell = tuple[str, str]  # ("md" | "code", source)
 
@@ -389,48 +371,3 @@ reshaping = ["symmetric A2P+P2A, per_direction", "GTE: 4 directions, joint", "ha
 assert all(verdict(name, metric) == "same" for name in reshaping for metric in METRICS)""",
     ),
 ]
-
-
-def build(cells: list[Cell] = CELLS, prefix: str = PREFIX) -> NotebookNode:
-    """A v4 notebook of ``cells`` with stable cell ids, no outputs, and the ``python3`` kernel."""
-    nb = nbformat.v4.new_notebook()
-    nb.metadata = {
-        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-        "language_info": {"name": "python"},
-    }
-    for i, (kind, source) in enumerate(cells):
-        make = nbformat.v4.new_markdown_cell if kind == "md" else nbformat.v4.new_code_cell
-        nb.cells.append(make(source, id=f"{prefix}-{i:02d}"))
-    nbformat.validate(nb)
-    return nb
-
-
-def execute(nb: NotebookNode, cwd: Path) -> NotebookNode:
-    """Run every cell, in order, on the ``python3`` kernel with this checkout first on ``PYTHONPATH``.
-
-    nbclient raises ``CellExecutionError`` on the first cell that fails (an ``assert`` included). No timing
-    metadata is recorded, so re-running changes only what the cells print.
-    """
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    client = nbclient.NotebookClient(
-        nb,
-        timeout=CELL_TIMEOUT_S,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(cwd)}},
-        record_timing=False,
-    )
-    return client.execute(env=env)
-
-
-def main() -> int:
-    path = HERE / NAME
-    start = time.perf_counter()
-    nb = execute(build(), HERE)
-    nbformat.validate(nb)
-    nbformat.write(nb, path)
-    print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB, executed in {time.perf_counter() - start:.1f} s)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

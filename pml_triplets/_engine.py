@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from types import MethodType
 from typing import cast
@@ -145,11 +145,13 @@ def _dense_chunk(config: Config, k: int, tau: Temperature, r: Rows, ctx: Context
     def logits(x: torch.Tensor) -> torch.Tensor:
         return x if scale is None else x / scale
 
+    tau_value = tau.detach() if isinstance(tau, torch.Tensor) else tau  # logits * tau_value: s(a, c), detached
+
     def harden(x: torch.Tensor, kinds: tuple[str, ...]) -> torch.Tensor:
         # + strength * s(a, c), detached and not divided by τ: harder negatives weigh more in the softmax
         if opt.hardness_mode not in kinds:
             return x
-        raw = x.detach() * (tau.detach() if isinstance(tau, torch.Tensor) else tau)
+        raw = x.detach() * tau_value
         return x + opt.hardness_strength * raw
 
     pool = ctx.pool
@@ -180,7 +182,7 @@ def _dense_chunk(config: Config, k: int, tau: Temperature, r: Rows, ctx: Context
     if pool is not None:
         cand = logits(sim.block(qa, pool.emb))  # (C, R): every row's positives and negatives, own included
         if limit is not None and ctx.own_guide and sim.cosine:  # the guide's cosines are these logits times τ
-            g_cand: torch.Tensor | None = cand.detach() * (tau.detach() if isinstance(tau, torch.Tensor) else tau)
+            g_cand: torch.Tensor | None = cand.detach() * tau_value
         else:
             g_cand = None if ctx.g_pool is None or r.ga is None else r.ga @ ctx.g_pool.T
         own_pos = _own_columns(r.global_rows, k)  # (C, K)
@@ -334,7 +336,7 @@ def evaluate(config: Config, batch: Batch, tau: Temperature) -> torch.Tensor:
     rows = None
     if config.in_batch:
         ctx = _in_batch_context(batch, a, p, neg, guide, config.gather, A2A in opt.directions or P2A in opt.directions)
-        ctx = Context(sh, ctx.pool, ctx.anchors, g_shared, ctx.g_pool, ctx.g_anchors, batch.guide is None)
+        ctx = replace(ctx, shared=sh, g_shared=g_shared, own_guide=batch.guide is None)
         assert ctx.pool is not None
         rows = torch.arange(spec.n, device=spec.device) + ctx.pool.offset
     g_a, g_p, g_n = (None, None, None) if guide is None else guide

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import __version__, check, demo
-from ._cli import parse
+from ._cli import CommandParser, parse
 
 __all__ = ["main"]
 
@@ -19,7 +19,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         epilog=f"Run '{prog} COMMAND --help' for the options of each command.",
     )
     parser.add_argument("--version", action="version", version=f"pml_triplets {__version__}")
-    commands = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
+    # CommandParser: `demo --bogus` is an error of `demo`, shown with demo's usage.
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command", parser_class=CommandParser)
     for name, module in (("check", check), ("demo", demo)):
         sub = commands.add_parser(
             name,

@@ -3,9 +3,24 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
-__all__ = ["parse", "run_command"]
+__all__ = ["CommandParser", "parse", "run_command"]
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser that rejects unknown arguments itself, so the error shows the subcommand's usage.
+
+    argparse parses a subcommand with ``parse_known_args`` and hands what it did not recognize back to the top-level
+    parser, whose error would print ``usage: python -m pml_triplets [-h] [--version] COMMAND ...`` instead.
+    """
+
+    def parse_known_args(self, args: Iterable[str] | None = None, namespace: Any = None) -> tuple[Any, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
 
 
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace | int:

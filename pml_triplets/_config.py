@@ -11,7 +11,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Literal
 
-from pytorch_metric_learning.losses import NTXentLoss
+from pytorch_metric_learning.losses import CrossBatchMemory, NTXentLoss
 from pytorch_metric_learning.reducers import DoNothingReducer, MeanReducer
 
 from ._similarity import Similarity
@@ -91,6 +91,12 @@ def make_config(
     margin_strategy: object = "absolute",
 ) -> Config:
     """Check every option and resolve the engine; raises ``TypeError``/``ValueError`` naming the argument."""
+    if isinstance(loss_fn, CrossBatchMemory):
+        raise TypeError(
+            "`loss_fn` must be a pytorch_metric_learning NTXentLoss; got CrossBatchMemory. Pass its two parts: the "
+            "memory bank of negatives as `shared_negatives=` (an [S, d] tensor, e.g. shared_negatives=queue) and the "
+            f"loss inside it as `loss_fn=` (loss_fn=xbm.loss, here a {type(loss_fn.loss).__name__})"
+        )
     if loss_fn is not None and not isinstance(loss_fn, NTXentLoss):
         raise TypeError(f"`loss_fn` must be a pytorch_metric_learning NTXentLoss; got {type(loss_fn).__name__}")
     if loss_fn is not None and temperature is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +57,9 @@ def _shape(x: torch.Tensor) -> str:
 
 def _tensor(name: str, x: object) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor; got {type(x).__name__}")
+        numpy = sys.modules.get("numpy")  # an ndarray exists only if numpy was imported: never import it here
+        hint = " (convert it with torch.from_numpy(...))" if numpy is not None and isinstance(x, numpy.ndarray) else ""
+        raise TypeError(f"`{name}` must be a torch.Tensor; got {type(x).__name__}{hint}")
     if x.is_nested:
         raise TypeError(f"`{name}` must be a dense tensor; got a nested tensor (pad it and pass a mask)")
     if x.layout != torch.strided:
@@ -74,9 +77,9 @@ def _floating(name: str, x: torch.Tensor) -> None:
         )
 
 
-def _agree(name: str, t: torch.Tensor, dim: int, size: int, label: str, owner: str) -> None:
+def _agree(name: str, t: torch.Tensor, dim: int, size: int, label: str, owner: str, hint: str = "") -> None:
     if t.shape[dim] != size:
-        raise ValueError(f"`{name}` has {label}={t.shape[dim]} but `{owner}` has {label}={size}; got {_shape(t)}")
+        raise ValueError(f"`{name}` has {label}={t.shape[dim]} but `{owner}` has {label}={size}; got {_shape(t)}{hint}")
 
 
 def _ids(name: str, x: object, ndims: tuple[int, ...], label: str) -> torch.Tensor:
@@ -194,7 +197,9 @@ def check_inputs(
             elif neg.ndim == 2 and neg.shape[1] == d:
                 hint = " (flattened negatives? pass negatives.reshape(N, M, d))"
             raise ValueError(f"`negatives` must be [N, M, d] = [{n}, M, {d}]; got {_shape(neg)}{hint}")
-        _agree("negatives", neg, 0, n, "N", "anchors")
+        transposed = neg.shape[0] != n and neg.shape[1] == n
+        hint = " (did you pass [M, N, d]? use negatives.transpose(0, 1))" if transposed else ""
+        _agree("negatives", neg, 0, n, "N", "anchors", hint)
         _agree("negatives", neg, 2, d, "d", "anchors")
         m = neg.shape[1]
 

@@ -30,6 +30,7 @@ def test_no_command_prints_help_to_stderr_and_exits_2(capsys: pytest.CaptureFixt
     assert "demo " in err
 
 
+@pytest.mark.slow  # a subprocess
 def test_module_entry_point() -> None:
     """The real ``python -m pml_triplets``, in a subprocess: no command is a usage error."""
     done = subprocess.run([sys.executable, "-m", "pml_triplets"], capture_output=True, text=True, timeout=300)
@@ -103,12 +104,41 @@ def test_usage_errors(argv: list[str], message: str, capsys: pytest.CaptureFixtu
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "usage"),
+    [
+        pytest.param(["demo", "--bogus"], "usage: python -m pml_triplets demo [-h] [--epochs EPOCHS]", id="demo"),
+        pytest.param(["check", "--bogus", "1"], "usage: python -m pml_triplets check [-h] [--n N]", id="check"),
+        pytest.param(["check", "--n", "5", "extra"], "usage: python -m pml_triplets check [-h]", id="check-positional"),
+    ],
+)
+def test_unknown_argument_shows_the_subcommand_usage(
+    argv: list[str], usage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert " ".join(err.split()).startswith(usage)  # undo the wrapping, which depends on the terminal width
+    command = argv[0]
+    unknown = " ".join(a for a in argv[1:] if a not in ("--n", "5"))
+    assert f"python -m pml_triplets {command}: error: unrecognized arguments: {unknown}\n" in err
+    assert "COMMAND ..." not in err  # not the top-level usage
+
+
+def test_unknown_top_level_argument_shows_the_top_level_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--bogus", "demo"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.startswith("usage: python -m pml_triplets [-h] [--version] COMMAND ...")
+    assert err.endswith("python -m pml_triplets: error: unrecognized arguments: --bogus")
+
+
 def test_check_command_prints_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "--n", "5", "--m", "3", "--d", "4"]) == 0
     out = capsys.readouterr().out
     assert "|d loss|" in out
     assert "grad err" in out
     assert "bfloat16" in out
+    assert "cpu    float16" in out
     assert "in-batch+ids+mask,K=2" in out
     assert " 0 failed" in out
     assert " NO" not in out
@@ -124,6 +154,7 @@ def test_usage_names_the_console_script(monkeypatch: pytest.MonkeyPatch, capsys:
 
 
 @pytest.mark.skipif(not SCRIPT.exists(), reason=f"console script not installed next to {sys.executable}")
+@pytest.mark.slow  # a subprocess
 def test_console_script() -> None:
     done = subprocess.run([str(SCRIPT), "--version"], capture_output=True, text=True, timeout=300)
     assert (done.returncode, done.stdout) == (0, f"pml_triplets {version('pml-triplets')}\n")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from helpers import triplets
-from pytorch_metric_learning.losses import NTXentLoss, TripletMarginLoss
+from pytorch_metric_learning.losses import CrossBatchMemory, NTXentLoss, TripletMarginLoss
 
 import pml_triplets as pt
 
@@ -53,8 +54,14 @@ SHAPE_ERRORS = [
     ),
     pytest.param(
         {"negatives": torch.randn(N + 1, M, D)},
-        r"`negatives` has N=5 but `anchors` has N=4; got \(5, 3, 5\)",
+        r"`negatives` has N=5 but `anchors` has N=4; got \(5, 3, 5\)$",  # no transpose hint: dim 1 is not N
         id="negatives-N",
+    ),
+    pytest.param(
+        {"negatives": torch.randn(M, N, D)},
+        r"`negatives` has N=3 but `anchors` has N=4; got \(3, 4, 5\) "
+        r"\(did you pass \[M, N, d\]\? use negatives\.transpose\(0, 1\)\)$",
+        id="negatives-transposed",
     ),
     pytest.param(
         {"negatives": torch.randn(N, M, D + 2)},
@@ -114,7 +121,22 @@ def test_value_errors(overrides: dict, match: str) -> None:
 
 
 TYPE_ERRORS = [
-    pytest.param({"anchors": [[1.0] * D] * N}, r"`anchors` must be a torch.Tensor; got list", id="list"),
+    pytest.param({"anchors": [[1.0] * D] * N}, r"`anchors` must be a torch.Tensor; got list$", id="list"),
+    pytest.param(
+        {"anchors": np.ones((N, D), dtype=np.float32)},
+        r"`anchors` must be a torch.Tensor; got ndarray \(convert it with torch\.from_numpy\(\.\.\.\)\)$",
+        id="numpy-anchors",
+    ),
+    pytest.param(
+        {"negatives": np.ones((N, M, D), dtype=np.float32)},
+        r"`negatives` must be a torch.Tensor; got ndarray \(convert it with torch\.from_numpy",
+        id="numpy-negatives",
+    ),
+    pytest.param(
+        {"negatives": np.float32(1.0)},
+        r"`negatives` must be a torch.Tensor; got float32$",  # a NumPy scalar: torch.from_numpy would not take it
+        id="numpy-scalar",
+    ),
     pytest.param(
         {"anchors": torch.ones(N, D, dtype=torch.long)},
         r"`anchors` must hold floating-point.*int64",
@@ -152,8 +174,15 @@ TYPE_ERRORS = [
     ),
     pytest.param(
         {"loss_fn": TripletMarginLoss()},
-        r"`loss_fn` must be a pytorch_metric_learning NTXentLoss",
+        r"`loss_fn` must be a pytorch_metric_learning NTXentLoss; got TripletMarginLoss$",
         id="loss-fn",
+    ),
+    pytest.param(
+        {"loss_fn": CrossBatchMemory(NTXentLoss(), embedding_size=D, memory_size=8)},
+        r"got CrossBatchMemory\. Pass its two parts: the memory bank of negatives as `shared_negatives=` "
+        r"\(an \[S, d\] tensor, e\.g\. shared_negatives=queue\) and the loss inside it as `loss_fn=` "
+        r"\(loss_fn=xbm\.loss, here a NTXentLoss\)",
+        id="loss-fn-cross-batch-memory",
     ),
     pytest.param({"in_batch": 1}, r"`in_batch` must be a bool", id="in-batch-int"),
     pytest.param({"chunk_size": 2.5}, r"`chunk_size` must be an int", id="chunk-float"),
@@ -196,6 +225,8 @@ def test_module_rejects_both_and_bad_temperature() -> None:
         pt.InfoNCE(-0.5)
     with pytest.raises(ValueError, match=r"`negatives` must be \[N, M, d\]"):
         pt.InfoNCE()(*ok()[:2], torch.randn(N, D))
+    with pytest.raises(TypeError, match=r"got CrossBatchMemory\. Pass its two parts"):
+        pt.InfoNCE(loss_fn=CrossBatchMemory(NTXentLoss(), embedding_size=D, memory_size=8))
 
 
 @pytest.mark.parametrize(

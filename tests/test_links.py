@@ -1,0 +1,77 @@
+"""Links that work: no URL of a repository that is not known to exist, and README links that resolve in the clone."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+# No repository or tag there is known to exist. Spelled in two parts so that this file does not match itself.
+UNPUBLISHED = "github.com/" + "pml-triplets"
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")  # [text](target)
+FENCE = re.compile(r"^```.*?^```", flags=re.S | re.M)
+
+
+def tracked_text_files() -> list[Path]:
+    """Tracked files and those git would add (not ignored), except binary ones (a NUL byte in the first 8 KiB)."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs a git checkout to list the tracked files")
+    command = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+    listed = subprocess.run(command, cwd=ROOT, capture_output=True, check=True, timeout=60)
+    paths = [ROOT / name for name in listed.stdout.decode().split("\0") if name]
+    return [p for p in paths if p.is_file() and b"\0" not in p.read_bytes()[:8192]]
+
+
+def readme_targets() -> list[str]:
+    """Every link target of the README outside code blocks."""
+    return LINK.findall(FENCE.sub("", README.read_text(encoding="utf-8")))
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lowercase, punctuation dropped except hyphens, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_no_file_links_to_the_unpublished_repository() -> None:
+    files = tracked_text_files()
+    assert README in files
+    offenders = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in files
+        for i, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+        if UNPUBLISHED in line
+    ]
+    assert not offenders, f"{UNPUBLISHED} is not known to exist; use relative links: {offenders}"
+
+
+def test_relative_readme_links_resolve() -> None:
+    relative = [t for t in readme_targets() if not re.match(r"(https?:|mailto:|#)", t)]
+    assert relative, "the README links the changelog, the benchmarks and the notebooks by relative path"
+    missing = [t for t in relative if not (ROOT / t.split("#", 1)[0]).is_file()]
+    assert not missing, f"README links to files that are not in the repository: {missing}"
+
+
+def test_readme_anchors_name_headings() -> None:
+    text = FENCE.sub("", README.read_text(encoding="utf-8"))  # a `# comment` in a code block is no heading
+    headings = {slug(h) for h in re.findall(r"^#{1,6} +(.+?) *#* *$", text, flags=re.M)}
+    anchors = [t[1:] for t in readme_targets() if t.startswith("#")]
+    assert anchors, "the README links at least one of its own sections"
+    unknown = [a for a in anchors if a not in headings]
+    assert not unknown, f"README anchors without a heading: {unknown}; headings: {sorted(headings)}"
+
+
+@pytest.mark.parametrize(
+    ("heading", "expected"),
+    [
+        pytest.param("How the work is handed to PML", "how-the-work-is-handed-to-pml", id="words"),
+        pytest.param("torch.compile and torch.func", "torchcompile-and-torchfunc", id="dots-dropped"),
+        pytest.param("Multi-GPU (DistributedDataParallel)", "multi-gpu-distributeddataparallel", id="hyphen-kept"),
+    ],
+)
+def test_slug(heading: str, expected: str) -> None:
+    assert slug(heading) == expected

@@ -5,8 +5,9 @@ Edit the cells here (retrieval_options.ipynb's in retrieval_cells.py), then run
 committed notebooks carry their outputs so that they render on GitHub. tests/test_notebooks.py checks that the
 committed cells are the ones here, that they carry outputs, and that they still execute without error.
 
-Every number a markdown cell relies on is printed by the code cell next to it, and the direction of each claim is
-``assert``-ed there, so a change that flips a claim fails the execution test instead of leaving a false sentence.
+Every number a markdown cell relies on is printed by the code cell next to it and checked there by ``claim``
+(notebooks/claims.py), with a bound far from what it measures on other machines (notebooks/claim_spread.py), so a
+change that breaks a claim fails the execution test, naming it, instead of leaving a false sentence.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import torch.nn.functional as F
 from pytorch_metric_learning.losses import NTXentLoss
 
 import pml_triplets as pt
+from claims import claim  # notebooks/claims.py: checks a sentence's number against its bound, says which failed
 
 _ = torch.manual_seed(0)
 torch.set_num_threads(1)  # tiny tensors; one thread also makes the timings below comparable
@@ -126,9 +128,10 @@ values = {
 for name, value in values.items():
     print(f"{name:30s} {value.item():.4f}")
 reference = values["pt.reference_infonce"]
-assert torch.isclose(values["pt.infonce"], reference, atol=1e-5)
-assert torch.isclose(values["NTXentLoss, pt.build_indices"], reference, atol=1e-5)
-assert (own_met < M / 2).all() and values["NTXentLoss, .repeat recipe"] < reference - 0.1""",
+for name in ("pt.infonce", "NTXentLoss, pt.build_indices"):
+    claim(f"|{name} - reference|", (values[name] - reference).abs(), below=1e-5)
+claim("most own negatives an anchor meets under .repeat", own_met.max(), below=M / 2)
+claim(".repeat recipe minus reference", values["NTXentLoss, .repeat recipe"] - reference, below=-0.1)""",
     ),
     (
         "md",
@@ -200,9 +203,12 @@ beaten = int((s_hardest > s_pos).sum())
 print(f"anchors whose hardest negative is more similar than their positive: {beaten} of {N}")
 print(f"loss at τ = {taus[0]:g}: {curve[0]:.4f};  mean max(0, s_hardest - s_pos) / τ = {low_tau_limit[0]:.4f}")
 print(f"loss at τ = {taus[-1]:g}: {curve[-1]:.4f};  log(M + 1) = {math.log(M + 1):.4f}")
-assert all(c >= lim for c, lim in zip(curve, low_tau_limit))  # log(1 + sum exp(x)) >= max(0, max x), per anchor
-assert beaten > 0 and curve[0] > min(curve) and curve[0] < 1.3 * low_tau_limit[0]
-assert abs(curve[-1] - math.log(M + 1)) < 0.05
+# log(1 + sum exp(x)) >= max(0, max x), per anchor: the dotted line is a lower bound
+claim("smallest loss / low-τ bound over τ", min(c / lim for c, lim in zip(curve, low_tau_limit)), above=1)
+claim("anchors whose hardest negative beats the positive", beaten, above=0)
+claim("loss at the smallest τ minus the curve's minimum", curve[0] - min(curve), above=0)
+claim("loss at the smallest τ / its low-τ bound", curve[0] / low_tau_limit[0], below=1.3)
+claim("|loss at τ = 10 - log(M + 1)|", abs(curve[-1] - math.log(M + 1)), below=0.05)
 
 plt.figure(figsize=(5.5, 3.4))
 plt.semilogx(taus, curve, label="pt.infonce")
@@ -259,9 +265,9 @@ fig.suptitle("Loss against M with random negatives")
 plt.show()
 
 unrelated, copy = cases
+ratio = {(case, tau): [loss / ref for loss, ref in zip(curves[case, tau], log_m1)] for case, tau in curves}
 for tau in (0.1, 1.0, 10.0):
-    left = [loss / ref for loss, ref in zip(curves[unrelated, tau], log_m1)]
-    right = [loss / ref for loss, ref in zip(curves[copy, tau], log_m1)]
+    left, right = ratio[unrelated, tau], ratio[copy, tau]
     print(
         f"τ = {tau:4g}  loss / log(M + 1): left {min(left):.3f} .. {max(left):.3f},"
         f" right {min(right):.4f} .. {max(right):.3f}"
@@ -274,10 +280,13 @@ print(
     f"right, τ = 0.1: c = {c:.4f}, so M c = 1 at M ≈ {1 / c:.0f}; loss(M = 128) / loss(M = 1) = {growth:.0f}"
     f" (proportional to M: 128; like log(M + 1): {log_m1[-1] / log_m1[0]:.1f})"
 )
-assert all(loss >= ref for tau in (0.1, 1.0) for loss, ref in zip(curves[unrelated, tau], log_m1))
-assert all(abs(loss / ref - 1) < 0.01 for loss, ref in zip(curves[unrelated, 10.0], log_m1))
-assert all(loss < 0.1 * ref for loss, ref in zip(curves[copy, 0.1], log_m1)) and growth > 50 and 1 / c > 128
-assert all(0.9 < loss / ref < 1 for loss, ref in zip(curves[copy, 10.0], log_m1))""",
+claim("left, τ = 0.1 and 1: smallest loss / log(M + 1)", min(ratio[unrelated, 0.1] + ratio[unrelated, 1.0]), above=1)
+claim("left, τ = 10: largest |loss / log(M + 1) - 1|", max(abs(r - 1) for r in ratio[unrelated, 10.0]), below=0.01)
+claim("right, τ = 0.1: largest loss / log(M + 1)", max(ratio[copy, 0.1]), below=0.1)
+claim("right, τ = 0.1: loss(M = 128) / loss(M = 1)", growth, above=50)
+claim("right, τ = 0.1: M at which M c = 1", 1 / c, above=128)
+claim("right, τ = 10: smallest loss / log(M + 1)", min(ratio[copy, 10.0]), above=0.9)
+claim("right, τ = 10: largest loss / log(M + 1)", max(ratio[copy, 10.0]), below=1)""",
     ),
     (
         "md",
@@ -297,7 +306,7 @@ per_anchor = [
 ]
 one_by_one = torch.stack(per_anchor).mean()
 print(f"masked {masked.item():.4f}   per-anchor slices {one_by_one.item():.4f}")
-assert torch.isclose(masked, one_by_one, atol=1e-5)""",
+claim("|masked - per-anchor slices|", (masked - one_by_one).abs(), below=1e-5)""",
     ),
     (
         "md",
@@ -309,7 +318,8 @@ assert torch.isclose(masked, one_by_one, atol=1e-5)""",
 loss = pt.infonce(anchors, positives, padded, temperature=0.1, negatives_mask=mask)
 loss.backward()
 print(f"loss {loss.item():.4f}; NaN in gradient: {padded.grad.isnan().any().item()}")
-assert torch.isclose(loss, masked) and not padded.grad.isnan().any()""",
+claim("|NaN-padded - masked|", (loss - masked).abs(), below=1e-6)
+claim("NaN entries in the gradient", padded.grad.isnan().sum(), below=1)""",
     ),
     (
         "md",
@@ -327,7 +337,8 @@ batch = pt.infonce(anchors, positives, negatives, temperature=0.1, in_batch=True
 ref = pt.reference_infonce(anchors, positives, negatives, 0.1, in_batch=True)
 print(f"own negatives {own.item():.4f}   + in-batch {batch.item():.4f}   reference {ref.item():.4f}")
 print(f"increase: {batch.item() - own.item():.4f} ({100 * (batch.item() / own.item() - 1):.1f} %)")
-assert own <= batch < 1.05 * own and torch.isclose(batch, ref, atol=1e-5)""",
+claim("in-batch / own negatives only", batch / own, above=1, below=1.05)
+claim("|in-batch - reference|", (batch - ref).abs(), below=1e-5)""",
     ),
     (
         "md",
@@ -340,7 +351,7 @@ anchor-positive cosine similarities (one direction of CLIP's loss).""",
 logits = F.normalize(anchors, dim=1) @ F.normalize(positives, dim=1).T / 0.1  # [N, N]
 clip_one_way = F.cross_entropy(logits, torch.arange(N))
 print(f"pt.infonce {in_batch_only.item():.6f}   cross-entropy {clip_one_way.item():.6f}")
-assert torch.isclose(in_batch_only, clip_one_way, atol=1e-5)""",
+claim("|in-batch only - CLIP's one-way cross-entropy|", (in_batch_only - clip_one_way).abs(), below=1e-5)""",
     ),
 ]
 
@@ -365,9 +376,9 @@ import torch.nn.functional as F
 from pytorch_metric_learning.losses import NTXentLoss
 
 import pml_triplets as pt
+from claims import claim  # notebooks/claims.py: checks a sentence's number against its bound, says which failed
 from pml_triplets import demo
 
-torch.set_num_threads(1)  # tiny matrices: more threads only add overhead (and stall on a busy machine)
 plt.rcParams["figure.dpi"] = 80  # modest PNGs keep the notebook small
 EPOCHS = 10
 TAU = 0.1  # demo.train's default temperature""",
@@ -402,7 +413,8 @@ trained = demo.embed(model, split.x_test)""",
 }
 print(demo.format_table(rows))
 map_r = {name: row["mean_average_precision_at_r"] for name, row in rows.items()}
-assert map_r["trained MLP"] > map_r["raw pixels"] + 0.2 and map_r["trained MLP"] > map_r["untrained MLP"] + 0.2""",
+claim("MAP@R, trained MLP minus raw pixels", map_r["trained MLP"] - map_r["raw pixels"], above=0.2)
+claim("MAP@R, trained MLP minus untrained MLP", map_r["trained MLP"] - map_r["untrained MLP"], above=0.2)""",
     ),
     (
         "code",
@@ -436,13 +448,14 @@ plt.show()""",
     ),
     (
         "md",
-        """## Hard vs random negatives, two values of M, and the article's recipe -- over three seeds
+        """## Hard vs random negatives, two values of M, and the article's recipe -- over five seeds
 
-Each row trains from the same seeds (weights, triplets and batch order from seed 0, 1, 2) for `EPOCHS` = 10 epochs;
-the table shows mean ± standard deviation over the three runs. The last row trains with the article's recipe as
-published (`demo.article_recipe_loss`: `NTXentLoss` over `concat_embeddings` with `.repeat` indices), which
-compares each anchor mostly with *other anchors'* hard negatives. Below the table, a difference is called real when it
-exceeds twice the larger of the two standard deviations -- a rough rule with three seeds.""",
+Each row trains from the same seeds (weights, triplets and batch order from seeds 0 to 4) for `EPOCHS` = 10
+epochs; the table shows mean ± standard deviation over the five runs. The last row trains with the article's recipe
+as published (`demo.article_recipe_loss`: `NTXentLoss` over `concat_embeddings` with `.repeat` indices), which
+compares each anchor mostly with *other anchors'* hard negatives. Below the table, each row is compared with the
+first seed by seed (same seed, same initial weights): the mean and standard deviation of the differences, and on
+how many seeds the first row is higher.""",
     ),
     (
         "code",
@@ -480,17 +493,20 @@ def table(results, metrics, first):
     return "\\n".join(lines)
 
 
-def verdict(results, a, b, metric, label):
-    \"\"\"Print how row a compares with row b on `metric`; return 'higher', 'lower' or 'within seed noise'.\"\"\"
-    (ma, sa), (mb, sb) = mean_std(results[a], metric), mean_std(results[b], metric)
-    gap = 2 * max(sa, sb)
-    word = "higher" if ma - mb > gap else "lower" if mb - ma > gap else "within seed noise"
-    print(f"{label}: {a} {ma:.4f} vs {b} {mb:.4f} (difference {ma - mb:+.4f}, 2 std = {gap:.4f}) -> {word}")
-    return word""",
+def paired(results, a, b, metric):
+    \"\"\"Row a minus row b on `metric`, seed by seed: mean, standard deviation, seeds where a is higher.\"\"\"
+    diffs = [ra[metric] - rb[metric] for ra, rb in zip(results[a], results[b])]
+    return statistics.mean(diffs), statistics.stdev(diffs), sum(d > 0 for d in diffs)
+
+
+def compare(results, a, b, metrics):
+    for metric, label in metrics.items():
+        mean, std, up = paired(results, a, b, metric)
+        print(f"{label:15s} {a} minus {b}: {mean:+.4f} ± {std:.4f} ({up}/{len(SEEDS)} seeds higher)")""",
     ),
     (
         "code",
-        """SEEDS = (0, 1, 2)
+        """SEEDS = (0, 1, 2, 3, 4)
 configs = {
     "hard, M=8, pt.infonce": ("hard", 8, "infonce"),
     "random, M=8, pt.infonce": ("random", 8, "infonce"),
@@ -504,24 +520,29 @@ results = {
 }
 print(table(results, METRICS, "negatives, objective"), end="\\n\\n")
 hard, rand, m2, art = configs
-words = {(b, k): verdict(results, hard, b, k, label) for b in (rand, m2, art) for k, label in METRICS.items()}""",
+for other in (rand, m2, art):
+    compare(results, hard, other, METRICS)""",
     ),
     (
         "md",
-        """What the three seeds say, on all ten digits:
+        """What the five seeds say, on all ten digits, as bounds on the mean paired differences that the next cell
+checks (each bound is far from the values measured with 1 or 2 threads, AVX2 or AVX-512 kernels and five other
+seeds: `notebooks/claim_spread.md`):
 
-* **hard vs random negatives, and M = 8 vs M = 2**: the MAP@R of hard negatives with M = 8 is higher than both.
-  Precision@1 does not tell hard M = 8 from any other row: near 0.98, one image in 540 is 0.0019.
-* **the article's recipe**: its precision@1 is within seed noise of `pt.infonce`'s, its MAP@R lower. With ten
+* **hard vs random negatives, and M = 8 vs M = 2**: the MAP@R of hard negatives with M = 8 is higher than both
+  on average. Precision@1 hardly separates the rows: every row's mean is above 0.95, near its ceiling, where one
+  image in 540 moves it by 0.0019; no claim is made on its differences.
+* **the article's recipe**: its MAP@R is lower than `pt.infonce`'s on average. With ten
   digits, few of the negatives it hands an anchor are of the anchor's own class; what the recipe loses is
   hardness -- another anchor's hard negatives are, for this anchor, images of some other digit, about as far from
   it as random ones. The next section measures both.""",
     ),
     (
         "code",
-        """map_words = {b: words[b, "mean_average_precision_at_r"] for b in (rand, m2, art)}
-assert map_words == {rand: "higher", m2: "higher", art: "higher"}, map_words
-assert all(words[b, "precision_at_1"] == "within seed noise" for b in (rand, m2, art))""",
+        """for other in (rand, m2, art):
+    claim(f"MAP@R, {hard} minus {other}", paired(results, hard, other, "mean_average_precision_at_r")[0], above=0)
+lowest = min(mean_std(runs, "precision_at_1")[0] for runs in results.values())
+claim("lowest mean P@1 of the four rows", lowest, above=0.95)""",
     ),
     (
         "md",
@@ -578,8 +599,11 @@ for data_name, (x, y) in {"ten digits": (split.x_train, split.y_train), f"digits
         lines.append(f"{data_name:16s} {pairing:22s} {share:9.1%} {dist:30.2f}")
 print("\\n".join(lines))
 (_, d_hard), (share_10, d_recipe), (_, d_random) = (met["ten digits", p] for p in pairings)
-assert share_10 < 0.15 < 0.25 < met[f"digits {CLASSES}", ".repeat recipe, hard"][0]
-assert d_recipe - d_hard > 0.5 * (d_random - d_hard) > 0  # the recipe's negatives are closer to random than to hard""",
+claim("ten digits, .repeat recipe: share of negatives of the anchor's class", share_10, below=0.15)
+claim(f"digits {CLASSES}, .repeat recipe: same share", met[f"digits {CLASSES}", ".repeat recipe, hard"][0], above=0.25)
+claim("ten digits: pixel distance, random minus hard negatives", d_random - d_hard, above=0)
+# the recipe's negatives are closer to random than to hard: past the midpoint of the two distances
+claim("ten digits: recipe's distance, hard = 0, random = 1", (d_recipe - d_hard) / (d_random - d_hard), above=0.5)""",
     ),
     (
         "md",
@@ -612,9 +636,11 @@ values = {
 for name, value in values.items():
     print(f"{name:32s} {value.item():.4f}")
 ref = values["pt.reference_infonce"]
-assert all(torch.isclose(values[k], ref, atol=1e-4) for k in ("NTXentLoss, pt.build_indices", "pt.infonce"))
-assert torch.isclose(values["article recipe"], values["pt.infonce, regrouped negatives"], atol=1e-4)
-assert abs(values["article recipe"] - ref) > 0.05""",
+for name in ("NTXentLoss, pt.build_indices", "pt.infonce"):
+    claim(f"|{name} - reference|", (values[name] - ref).abs(), below=1e-4)
+recipe = values["article recipe"]
+claim("|article recipe - regrouped pt.infonce|", (recipe - values["pt.infonce, regrouped negatives"]).abs(), below=1e-4)
+claim("|article recipe - reference|", (recipe - ref).abs(), above=0.05)""",
     ),
     (
         "md",
@@ -625,33 +651,37 @@ same-class column is where one would first look for them.""",
     ),
     (
         "code",
-        """SMALL_SEEDS = (0, 1, 2, 3, 4)
-small_results = {
-    name: [run(*small, mode="hard", m=8, objective=objective, seed=s) for s in SMALL_SEEDS]
+        """small_results = {
+    name: [run(*small, mode="hard", m=8, objective=objective, seed=s) for s in SEEDS]
     for name, objective in {"pt.infonce": "infonce", "article recipe": "article-recipe"}.items()
 }
 small_metrics = {**METRICS, "same_class_cos": "same-class cos", "other_class_cos": "other-class cos"}
 print(table(small_results, small_metrics, f"digits {CLASSES}, hard, M=8"), end="\\n\\n")
-small_words = {k: verdict(small_results, "pt.infonce", "article recipe", k, v) for k, v in small_metrics.items()}""",
+compare(small_results, "pt.infonce", "article recipe", small_metrics)""",
     ),
     (
         "md",
-        """What the five seeds say: on held-out retrieval among 3, 5 and 8 the recipe is **not** measurably worse --
-precision@1 and MAP@R are within seed noise of `pt.infonce`'s -- although close to a third of the negatives it
-hands an anchor are of the anchor's own class (measured above). Nor are same-class images pushed apart: their
-similarity is not lower under the recipe. What differs is the other classes: under the recipe they stay far more
-similar to each other, while `pt.infonce` pushes them apart (negative cosine). A likely reason, not measured
+        """What the five seeds say (mean paired differences, bounds checked by the next cell): on held-out retrieval
+among 3, 5 and 8 the recipe is **not** clearly worse -- its precision@1 and MAP@R are within ±0.03 of
+`pt.infonce`'s -- although close to a third of the negatives it hands an anchor are of the anchor's own class
+(measured above). Nor does the recipe push same-class images apart: their mean cosine under it is at least
+`pt.infonce`'s minus 0.02. What
+differs is the other classes: under the recipe they stay far more similar to each other (by more than 0.3 of
+cosine), while `pt.infonce` pushes them apart (negative cosine). A likely reason, not measured
 here: false negatives are the most similar candidates in the recipe's softmax and take most of its weight,
 leaving little to push the other classes away. Nearest-neighbour ranking on this small, easy set does not punish
 that. So the case against the recipe does not rest on retrieval scores (on ten digits it cost MAP@R through lost
-hardness, here nothing measurable): its loss value is not InfoNCE (shown above), it trains each anchor against
+hardness, here nothing beyond ±0.03): its loss value is not InfoNCE (shown above), it trains each anchor against
 other anchors' negatives, and it costs O(N²M²) in time and memory.""",
     ),
     (
         "code",
-        """assert small_words["precision_at_1"] == small_words["mean_average_precision_at_r"] == "within seed noise"
-assert small_words["same_class_cos"] in ("lower", "within seed noise"), small_words
-assert small_words["other_class_cos"] == "lower" and mean_std(small_results["pt.infonce"], "other_class_cos")[0] < 0""",
+        """diff = {k: paired(small_results, "pt.infonce", "article recipe", k)[0] for k in small_metrics}
+for metric, label in METRICS.items():
+    claim(f"|{label}, pt.infonce minus article recipe|", abs(diff[metric]), below=0.03)
+claim("same-class cos, pt.infonce minus article recipe", diff["same_class_cos"], below=0.02)
+claim("other-class cos, pt.infonce minus article recipe", diff["other_class_cos"], below=-0.3)
+claim("other-class cos, pt.infonce", mean_std(small_results["pt.infonce"], "other_class_cos")[0], below=0)""",
     ),
 ]
 
@@ -670,13 +700,15 @@ def build(cells: list[Cell], prefix: str) -> NotebookNode:
     return nb
 
 
-def execute(nb: NotebookNode, cwd: Path) -> NotebookNode:
-    """Run every cell, in order, on the ``python3`` kernel with this checkout first on ``PYTHONPATH``.
+def execute(nb: NotebookNode, cwd: Path, env: dict[str, str] | None = None) -> NotebookNode:
+    """Run every cell, in order, on the ``python3`` kernel with this checkout and ``notebooks/`` (for ``claims``)
+    first on ``PYTHONPATH``, in this process's environment updated with ``env``.
 
-    nbclient raises ``CellExecutionError`` on the first cell that fails (an ``assert`` included). No timing
+    nbclient raises ``CellExecutionError`` on the first cell that fails (a failed ``claim`` included). No timing
     metadata is recorded, so re-running changes only what the cells print.
     """
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    path = os.pathsep.join(filter(None, [str(ROOT), str(HERE), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, **(env or {}), "PYTHONPATH": path}
     client = nbclient.NotebookClient(
         nb,
         timeout=CELL_TIMEOUT_S,

@@ -1,9 +1,15 @@
-"""Fixtures only: ``device`` (CUDA skipped with a reason when absent) and ``dtype``; their lists live in helpers.py.
+"""Fixtures (``device``, with CUDA skipped with a reason when absent, and ``dtype``; their lists live in helpers.py)
+and the ``sweep`` marker.
 
-Fast run: ``python -m pytest -m "not slow"`` deselects notebooks, multi-process runs, benchmarks and compile.
+Fast run: ``python -m pytest -m "not slow"`` deselects notebooks, multi-process runs, subprocesses, benchmarks,
+the peers and most cases of the exhaustive sweeps. A test marked ``@pytest.mark.sweep(fast=k)`` keeps ``k`` of its
+parametrized cases, evenly spaced in collection order, in the fast run; its other cases are marked ``slow``. The
+full run (``python -m pytest``) runs every case.
 """
 
 from __future__ import annotations
+
+from collections import defaultdict
 
 import pytest
 import torch
@@ -18,3 +24,19 @@ def device(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(params=DTYPES)
 def dtype(request: pytest.FixtureRequest) -> torch.dtype:
     return request.param  # type: ignore[no-any-return]
+
+
+@pytest.hookimpl(tryfirst=True)  # before the mark plugin deselects by `-m`
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    sweeps: dict[tuple[str, str], list[pytest.Item]] = defaultdict(list)
+    for item in items:
+        if item.get_closest_marker("sweep") is not None and isinstance(item, pytest.Function):
+            sweeps[item.path.name, item.originalname].append(item)
+    for cases in sweeps.values():
+        marker = cases[0].get_closest_marker("sweep")
+        assert marker is not None
+        fast = int(marker.kwargs["fast"])
+        keep = {i * len(cases) // fast for i in range(min(fast, len(cases)))}
+        for i, item in enumerate(cases):
+            if i not in keep:
+                item.add_marker(pytest.mark.slow)

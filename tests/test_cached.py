@@ -171,6 +171,7 @@ def same_chunks(encoder: nn.Module, a: torch.Tensor, p: torch.Tensor, n: torch.T
 # ---------------------------------------------------------------- the gradient is the full batch's
 
 
+@pytest.mark.sweep(fast=3)
 @pytest.mark.parametrize("size", SIZES, ids=[f"mb{s}" for s in SIZES])
 @pytest.mark.parametrize("name", list(CASES))
 def test_eval_mode_gradients_equal_the_full_batch(name: str, size: int) -> None:
@@ -816,6 +817,7 @@ def test_two_ranks_gathered_equal_one_process(dist_results: list[dict[str, Any]]
 # ---------------------------------------------------------------- the example
 
 
+@pytest.mark.slow  # a subprocess
 def test_example_trains() -> None:
     steps = 8
     cmd = [sys.executable, str(ROOT / "examples" / "cached_train.py"), f"--steps={steps}"]

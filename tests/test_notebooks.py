@@ -1,8 +1,9 @@
 """The notebooks: their cells come from notebooks/make_notebooks.py, they are committed with outputs (so they render
 on GitHub), and they still execute without error.
 
-The execution tests run a copy in a temporary directory and never rewrite the committed file. Each notebook
-``assert``s the direction of the claims its markdown makes, so a change that flips one fails here.
+The execution tests run a copy in a temporary directory, with 1 and with 2 threads (``OMP_NUM_THREADS``: another
+reduction order), and never rewrite the committed file. Each number a notebook's markdown states is checked by
+``claim`` (notebooks/claims.py) against its bound, so a change that breaks a claim fails here, naming it.
 
 They run on the ``python3`` kernel. jupyter_client launches a kernel spec whose ``argv[0]`` is ``python`` with
 ``sys.executable`` -- the spec ipykernel installs into ``<venv>/share/jupyter/kernels/python3`` is of that kind,
@@ -13,6 +14,7 @@ interpreter. ``test_python3_kernel_is_this_interpreter`` checks that rather than
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -32,13 +34,18 @@ REGENERATE = (
 )
 
 
-def generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_notebooks", NOTEBOOKS / "make_notebooks.py")
+def load(name: str) -> ModuleType:
+    """``notebooks/<name>.py``, loaded by path (notebooks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, NOTEBOOKS / f"{name}.py")
     if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {NOTEBOOKS / 'make_notebooks.py'}")
+        raise ImportError(f"cannot load {NOTEBOOKS / f'{name}.py'}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def generator() -> ModuleType:
+    return load("make_notebooks")
 
 
 def outputs(nb: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
@@ -87,9 +94,36 @@ def test_python3_kernel_is_this_interpreter(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("threads", ["1", "2"])
 @pytest.mark.parametrize("name", NAMES)
-def test_executes(name: str, tmp_path: Path) -> None:
+def test_executes(name: str, threads: str, tmp_path: Path) -> None:
     """Execute the committed cells afresh (nbclient raises ``CellExecutionError`` on the first failing cell)."""
-    nb = generator().execute(nbformat.read(NOTEBOOKS / name, as_version=4), tmp_path)
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nb = generator().execute(notebook, tmp_path, {"OMP_NUM_THREADS": threads})
     assert not [o for o in outputs(nb) if o.output_type == "error"]
     assert pngs(nb) >= 1
+
+
+def test_claim_holds_prints_and_records(capsys: pytest.CaptureFixture[str]) -> None:
+    claims = load("claims")
+    assert claims.claim("a share", 0.25, above=0.1, below=0.5) == 0.25
+    assert capsys.readouterr().out == "holds: a share: 0.25 (above 0.1 and below 0.5)\n"
+    assert claims.RECORD == [{"claim": "a share", "value": 0.25, "above": 0.1, "below": 0.5}]
+
+
+@pytest.mark.parametrize(
+    ("value", "bounds", "expected"),
+    [
+        pytest.param(0.05, {"above": 0.1}, "measured 0.05, expected above 0.1", id="below-the-lower-bound"),
+        pytest.param(0.5, {"above": 0.1, "below": 0.5}, "measured 0.5, expected above 0.1 and below 0.5", id="at"),
+        pytest.param(float("nan"), {"below": 1.0}, "measured nan, expected below 1", id="nan"),
+    ],
+)
+def test_failed_claim_names_the_claim_the_number_and_the_bound(value: float, bounds: dict, expected: str) -> None:
+    with pytest.raises(AssertionError, match=re.escape(f"claim does not hold: a share: {expected}") + "$"):
+        load("claims").claim("a share", value, **bounds)
+
+
+def test_claim_needs_a_bound() -> None:
+    with pytest.raises(ValueError, match="needs a bound"):
+        load("claims").claim("a share", 0.25)

@@ -84,6 +84,7 @@ def _half_embeddings(
     return lin, emb
 
 
+@pytest.mark.sweep(fast=4)
 @pytest.mark.parametrize("batch", [pytest.param("hard", id="hard"), pytest.param("random", id="random")])
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize(("how", "half"), MIXED)
@@ -181,6 +182,7 @@ VALUE_RTOL = {F64: 1e-10, torch.float32: 1e-5}
 GRAD_RTOL = {F64: 1e-8, torch.float32: 1e-4}
 
 
+@pytest.mark.sweep(fast=4)
 @pytest.mark.parametrize(("engine", "dtype", "tau", "batch"), TEMPERATURE_CASES)
 def test_extreme_temperature_matches_formula(engine: str, dtype: torch.dtype, tau: float, batch: str) -> None:
     """tau = 0.01 with cosine puts logits at +-100 (a hard term is 2/tau + log M = 201); tau = 10 at +-0.1."""
@@ -268,6 +270,7 @@ ZERO_CASES = [pytest.param(role, F64, id=f"{role}-float64") for role in ZERO_ROL
 ]
 
 
+@pytest.mark.sweep(fast=6)
 @pytest.mark.parametrize(("role", "dtype"), ZERO_CASES)
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("dist", DISTANCES)
@@ -398,6 +401,7 @@ GRADCHECK_CASES = (
 )
 
 
+@pytest.mark.sweep(fast=2)
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize(("dist", "mode", "chunk_size"), GRADCHECK_CASES)
 def test_gradcheck(dist: str, mode: str, chunk_size: int | None, engine: str) -> None:

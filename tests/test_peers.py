@@ -28,12 +28,18 @@ from torch import nn
 
 import pml_triplets as pt
 
-st_losses = pytest.importorskip(
-    "sentence_transformers.sentence_transformer.losses", reason="sentence-transformers>=6.2 is in the dev extra"
-)
-st_util = pytest.importorskip("sentence_transformers.util")
-tokenizers = pytest.importorskip("tokenizers")
-transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # the full run only: importing sentence-transformers alone takes seconds
+
+
+def installed(module: str) -> Any:
+    """The installed peer module, imported when a test first needs it (so the fast run, which deselects this
+    file, does not pay for it), or a skip when it is missing."""
+    return pytest.importorskip(module, reason="sentence-transformers>=6.2 is in the dev extra")
+
+
+def st_losses() -> Any:
+    return installed("sentence_transformers.sentence_transformer.losses")
+
 
 F64 = torch.float64
 TOL = {"rtol": 1e-12, "atol": 1e-12}
@@ -98,6 +104,7 @@ class Lookup(nn.Module):
     def __init__(self, key: str) -> None:
         super().__init__()
         self.key = key
+        tokenizers, transformers = installed("tokenizers"), installed("transformers")
         vocab = tokenizers.models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")
         self.tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer(vocab))
         self.max_seq_length = 8
@@ -126,7 +133,7 @@ MNRL_CASES = [
 @pytest.mark.parametrize(("dirs", "part", "mode"), MNRL_CASES)
 def test_multiple_negatives_ranking(dirs: tuple[str, ...], part: str, mode: str | None, m: int) -> None:
     b = data(seed=len(dirs) + 7 * m)
-    peer_loss = st_losses.MultipleNegativesRankingLoss(
+    peer_loss = st_losses().MultipleNegativesRankingLoss(
         Lookup("emb"),
         scale=SCALE,
         directions=dirs,
@@ -156,10 +163,10 @@ def test_multiple_negatives_ranking(dirs: tuple[str, ...], part: str, mode: str 
 def test_multiple_negatives_ranking_dot_product(mode: str) -> None:
     # hardness penalizes the raw similarity of the loss's own similarity function, here the dot product
     b = data(seed=3)
-    peer_loss = st_losses.MultipleNegativesRankingLoss(
+    peer_loss = st_losses().MultipleNegativesRankingLoss(
         Lookup("emb"),
         scale=SCALE,
-        similarity_fct=st_util.dot_score,
+        similarity_fct=installed("sentence_transformers.util").dot_score,
         directions=tuple(ST_DIRECTIONS),
         hardness_mode=mode,
         hardness_strength=0.5,
@@ -182,7 +189,7 @@ def test_multiple_negatives_ranking_dot_product(mode: str) -> None:
 @pytest.mark.parametrize("m", [0, M], ids=["pairs", "negatives"])
 def test_multiple_negatives_symmetric_ranking(m: int) -> None:
     b = data(seed=11 + m)
-    peer_loss = st_losses.MultipleNegativesSymmetricRankingLoss(Lookup("emb"), scale=SCALE)
+    peer_loss = st_losses().MultipleNegativesSymmetricRankingLoss(Lookup("emb"), scale=SCALE)
     peer = loss_and_grads(
         lambda a, p, n: peer_loss.compute_loss_from_embeddings([a, p, *([] if n is None else n.unbind(1))], None),
         b,
@@ -223,7 +230,7 @@ def test_gist_embed(
     m: int, contrast_anchors: bool, contrast_positives: bool, strategy: str, margin: float, guided: bool
 ) -> None:
     b = data(seed=7 + m, m=m)  # seeds where every block's filter drops some
-    peer_loss = st_losses.GISTEmbedLoss(
+    peer_loss = st_losses().GISTEmbedLoss(
         Lookup("emb"),
         Lookup("guide" if guided else "emb"),  # self-guided: the guide returns the model's own embeddings
         temperature=TAU,
@@ -258,12 +265,12 @@ def test_gist_filter_is_not_vacuous() -> None:
     # the inputs above make GIST drop candidates (its near-duplicate negatives among them): without anchor-anchor
     # and positive-positive blocks it is MNRL minus the dropped candidates, hence strictly below MNRL
     b = data(seed=8, m=1)
-    gist = st_losses.GISTEmbedLoss(
+    gist = st_losses().GISTEmbedLoss(
         Lookup("emb"), Lookup("guide"), temperature=TAU, margin=0.1, contrast_anchors=False, contrast_positives=False
     )
     columns = [(b["a"], b["ga"]), (b["p"], b["gp"]), (b["n"][:, 0], b["gn"][:, 0])]
     filtered = gist([{"emb": x, "guide": gx} for x, gx in columns], None)
-    mnrl = st_losses.MultipleNegativesRankingLoss(Lookup("emb"), scale=SCALE)
+    mnrl = st_losses().MultipleNegativesRankingLoss(Lookup("emb"), scale=SCALE)
     unfiltered = mnrl.compute_loss_from_embeddings([b["a"], b["p"], b["n"][:, 0]], None)
     assert 0.1 < filtered < unfiltered - 0.1
 

@@ -68,6 +68,7 @@ CONFIGS = [
 ]
 
 
+@pytest.mark.sweep(fast=8)
 @pytest.mark.parametrize("make", CONFIGS)
 @pytest.mark.parametrize("engine", ["auto", "pml"])
 @pytest.mark.parametrize("k", [1, 3])

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+import pytest
 import torch
 from helpers import DIST, F64, TOL, formula, gen, loss_fn, randn
 from hypothesis import given, settings
@@ -182,6 +183,7 @@ def test_masking_negatives_equals_dropping_them(case: Case, engine: str) -> None
     torch.testing.assert_close(got[0], torch.stack(terms).mean(), **TIGHT)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(case=cases(in_batch=True), engine=ENGINES, data=st.data())
 def test_masking_equals_dropping_in_batch(case: Case, engine: str, data: st.DataObject) -> None:
@@ -206,6 +208,7 @@ def test_masking_equals_dropping_in_batch(case: Case, engine: str, data: st.Data
     _assert_all_close(got, want, **TIGHT)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(case=cases(), engine=ENGINES, data=st.data())
 def test_chunk_size_changes_nothing(case: Case, engine: str, data: st.DataObject) -> None:
@@ -216,6 +219,7 @@ def test_chunk_size_changes_nothing(case: Case, engine: str, data: st.DataObject
     _assert_all_close(_run(case, engine, chunk_size=size), whole, **TIGHT)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(case=cases(), engine=ENGINES, log_c=st.floats(-3.0, 3.0))
 def test_cosine_loss_is_scale_invariant(case: Case, engine: str, log_c: float) -> None:

@@ -124,6 +124,7 @@ def formula(which: str, partition: str, k: int) -> tuple[torch.Tensor, list[torc
     return _FORMULA[key]
 
 
+@pytest.mark.sweep(fast=8)
 @pytest.mark.parametrize("chunk_size", [None, 2], ids=["whole", "chunk2"])
 @pytest.mark.parametrize("k", [1, 2], ids=["K1", "K2"])
 @pytest.mark.parametrize(("which", "partition"), cases())

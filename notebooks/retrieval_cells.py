@@ -296,12 +296,11 @@ print("the rule's loss matches pt.infonce on this batch (raw-pixel guide and gui
         """The positive is drawn at random among the images of the anchor's digit, and the margin is 0.1 of cosine.
 With a guide that does not already separate the digits -- raw pixels, or the untrained network -- most of the
 anchor's own hard negatives are, by the guide, within the margin of the positive, and are dropped along with the
-false negatives: the filter removes the training signal the hard negatives were drawn for. The 1-epoch model
-drops a sizeable share of them too (more than a tenth on average over the five seeds' models; how much varies
-widely from one 1-epoch model to another); the trained models drop almost none of them (under 5 %) and most false
-negatives (over half). `guide = None` is the model grading itself: it drops every candidate whose logit is within
-margin / τ = 1 of the positive's -- the candidates the loss weighs most -- so at every step it removes the
-negatives the model currently confuses with the positive.""",
+false negatives: the filter removes the training signal the hard negatives were drawn for. The 1-epoch models
+drop a sizeable share of them too (more than a tenth, on average over the five seeds' models); the trained models
+drop almost none of them (under 5 %) and most false negatives (over half). `guide = None` is the model grading
+itself: it drops every candidate whose logit is within margin / τ = 1 of the positive's -- the candidates the loss
+weighs most -- so at every step it removes the negatives the model currently confuses with the positive.""",
     ),
     (
         "code",

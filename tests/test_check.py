@@ -100,7 +100,10 @@ def test_doubled_gradients_wrapper_keeps_the_value(dtype: torch.dtype) -> None:
     assert torch.equal(doubled_gradients(a, p, n), pt.infonce(a, p, n))
     (g,) = torch.autograd.grad(doubled_gradients(a, p, n), a)
     (g_ref,) = torch.autograd.grad(pt.infonce(a, p, n), a)
-    assert torch.equal(g, 2 * g_ref)
+    # Doubling is exact except below the smallest normal number, where rounding 2x and doubling round(x) can differ
+    # by one subnormal step (float16's 2**-24; seen with torch 2.2 on the CPU).
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    torch.testing.assert_close(g, 2 * g_ref, rtol=0, atol=tiny)
 
 
 @pytest.mark.parametrize(

@@ -22,18 +22,16 @@ does not move at all); the script lists the claims below that.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
 import tempfile
 import time
 from pathlib import Path
-from types import ModuleType
 
+import make_notebooks as gen  # beside this script, so on sys.path when it runs
 import nbformat
 
-HERE = Path(__file__).resolve().parent
 MARKER = "CLAIMS-JSON "
 SEED_SHIFT = {  # notebook -> (source text, its replacement) for the "other seeds" run
     "train_digits.ipynb": [("SEEDS = (0, 1, 2, 3, 4)", "SEEDS = (10, 11, 12, 13, 14)")],
@@ -50,16 +48,7 @@ RUNS: dict[str, tuple[dict[str, str], bool]] = {  # label -> (environment, shift
 }
 
 
-def generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_notebooks", HERE / "make_notebooks.py")
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {HERE / 'make_notebooks.py'}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def claims_of(gen: ModuleType, name: str, env: dict[str, str], shift: bool) -> list[dict]:
+def claims_of(name: str, env: dict[str, str], shift: bool) -> list[dict]:
     """Execute notebook ``name`` under ``env`` (seeds shifted if ``shift``) and return its recorded claims."""
     cells, prefix = gen.NOTEBOOKS[name]
     nb = gen.build(cells, prefix)
@@ -79,7 +68,8 @@ def bound_text(c: dict) -> str:
     return " and ".join(f"{k} {c[k]:g}" for k in ("above", "below") if c[k] is not None)
 
 
-def rows(name: str, runs: dict[str, list[dict]]) -> list[str]:
+def rows(name: str, runs: dict[str, list[dict]]) -> list[tuple[str, float]]:
+    """One markdown row per claim, with its margin / spread (inf when the value does not move)."""
     labels = list(runs)
     first = runs[labels[0]]
     lines = []
@@ -91,15 +81,16 @@ def rows(name: str, runs: dict[str, list[dict]]) -> list[str]:
         margins = [v - c["above"] for v in values if c["above"] is not None]
         margins += [c["below"] - v for v in values if c["below"] is not None]
         margin = min(margins)
-        ratio = "∞" if spread < 1e-12 else f"{margin / spread:.1f}"  # equal up to float64 rounding: no spread
+        ratio = math.inf if spread < 1e-12 else margin / spread  # equal up to float64 rounding: no spread
         cells = " | ".join(f"{v:.4g}" for v in values)
         text = c["claim"].replace("|", "\\|")  # a literal bar inside a markdown table cell
-        lines.append(f"| {name} | {text} | {bound_text(c)} | {cells} | {spread:.3g} | {margin:.3g} | {ratio} |")
+        shown = "∞" if ratio == math.inf else f"{ratio:.1f}"
+        row = f"| {name} | {text} | {bound_text(c)} | {cells} | {spread:.3g} | {margin:.3g} | {shown} |"
+        lines.append((row, ratio))
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
-    gen = generator()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"of {list(gen.NOTEBOOKS)} (default: all)")
     parser.add_argument("--out", type=Path, help="also write the table to this markdown file")
@@ -108,20 +99,20 @@ def main(argv: list[str] | None = None) -> int:
         "| notebook | claim | bound | " + " | ".join(RUNS) + " | spread | margin | margin / spread |",
         "|---|---|---|" + "---:|" * (len(RUNS) + 3),
     ]
-    lines = []
+    lines: list[tuple[str, float]] = []
     for name in args.names or gen.NOTEBOOKS:
         runs = {}
         for label, (env, shift) in RUNS.items():
             start = time.perf_counter()
-            runs[label] = claims_of(gen, name, env, shift)
+            runs[label] = claims_of(name, env, shift)
             print(f"{name}, {label}: {len(runs[label])} claims in {time.perf_counter() - start:.0f} s", flush=True)
-        lines += rows(name, runs)
-        print("\n".join(header + rows(name, runs)), flush=True)
-    ratios = [float(line.rsplit("|", 2)[1].replace("∞", "inf")) for line in lines]
-    worst = min(ratios, default=math.inf)
-    low = [line.split(" | ")[1] for line, ratio in zip(lines, ratios, strict=True) if ratio < 2]
+        new = rows(name, runs)
+        lines += new
+        print("\n".join(header + [row for row, _ in new]), flush=True)
+    worst = min((ratio for _, ratio in lines), default=math.inf)
+    low = [row.split(" | ")[1] for row, ratio in lines if ratio < 2]
     summary = f"smallest margin / spread: {worst:.1f}; claims below 2: {', '.join(low) or 'none'}"
-    table = "\n".join(header + lines)
+    table = "\n".join(header + [row for row, _ in lines])
     print(f"{table}\n\n{summary}")
     if args.out:
         command = "python notebooks/claim_spread.py" + "".join(f" {n}" for n in args.names)

@@ -203,8 +203,11 @@ def test_default_run_prints_the_readme_table(tmp_path: Path, capsys: pytest.Capt
         got = table_row(out, name)
         for metric in demo.METRICS:
             assert abs(got[metric] - want[metric]) <= README_TOLERANCE, f"{name} {metric}: printed {got}, README {want}"
-    raw, trained = table_row(out, "raw pixels"), table_row(out, "trained MLP")
+    raw, untrained, trained = (table_row(out, name) for name in ("raw pixels", "untrained MLP", "trained MLP"))
+    assert trained["mean_average_precision_at_r"] >= 0.90
+    assert trained["precision_at_1"] >= 0.97
     assert trained["mean_average_precision_at_r"] > raw["mean_average_precision_at_r"] + 0.3
+    assert untrained["mean_average_precision_at_r"] < 0.6
 
 
 @pytest.mark.parametrize("mode", ["hard", "random"])

@@ -360,9 +360,10 @@ TRAIN_DIGITS: list[Cell] = [
         "md",
         """# Training an embedder on digits with predefined triplets
 
-A 64-128-64 MLP trained with `pt.infonce` on scikit-learn's bundled 8x8 digits, using the building blocks of
-`pml_triplets.demo` (the code behind `python -m pml_triplets demo`). Retrieval is measured on the 540 held-out
-images, each querying all the others, with PML's `AccuracyCalculator` (precision@1 and MAP@R, cosine).
+A 64-128-64 MLP trained with `pt.infonce` on scikit-learn's bundled 8x8 digits, using the building blocks of the
+digits demo, `pml_triplets_demo` (the example application behind `python -m pml_triplets demo`). Retrieval is
+measured on the 540 held-out images, each querying all the others, with PML's `AccuracyCalculator` (precision@1
+and MAP@R, cosine).
 Weights, triplets and batch order are seeded; comparisons are repeated over seeds and reported as
 mean ± standard deviation over the seeds.""",
     ),
@@ -376,8 +377,8 @@ import torch.nn.functional as F
 from pytorch_metric_learning.losses import NTXentLoss
 
 import pml_triplets as pt
+import pml_triplets_demo as demo  # the digits demo: data, MLP, triplets, training loop, retrieval scores
 from claims import claim  # notebooks/claims.py: checks a sentence's number against its bound, says which failed
-from pml_triplets import demo
 
 plt.rcParams["figure.dpi"] = 80  # modest PNGs keep the notebook small
 EPOCHS = 10
@@ -568,18 +569,15 @@ def recipe_indices(n, m):
     return torch.arange(n).repeat(m), torch.arange(n, 2 * n).repeat(m), torch.arange(2 * n, 2 * n + n * m)
 
 
-def first_batch(x, y, mode, m=8, batch=128, seed=0):
-    \"\"\"The anchors [B] of the first minibatch demo.train draws with `seed`, and that epoch's triplets.\"\"\"
-    generator = torch.Generator().manual_seed(seed)
-    pool = demo.hard_negative_pool(x, y, 4 * m) if mode == "hard" else None
-    trip = demo.make_triplets(y, m, mode=mode, generator=generator, pool=pool)
-    return torch.randperm(len(y), generator=generator)[:batch], trip
+def first_batch(x, y, mode):
+    \"\"\"The first step demo.train takes with seed 0, M = 8 and 128 anchors: anchor, positive, negative rows.\"\"\"
+    return next(demo.batches(x, y, epochs=1, negatives=8, mode=mode, batch_size=128, seed=0))
 
 
-def negatives_met(x, y, rows, trip, indices):
+def negatives_met(x, y, batch, indices):
     \"\"\"Over the (anchor, negative) pairs `indices` makes: the share whose negative is of the anchor's class, and
     the mean pixel distance from the anchor to the negatives of other classes.\"\"\"
-    negs = trip.negatives[rows]  # [B, M]
+    rows, _, negs = batch  # [B], [B], [B, M]
     met = pt.pairing_matrix(indices(*negs.shape), *negs.shape)  # [B, B*M]
     same = y[rows][:, None] == y[negs.reshape(-1)][None, :]  # [B, B*M]
     dist = torch.cdist(x[rows], x[negs.reshape(-1)])  # [B, B*M]
@@ -595,7 +593,7 @@ met = {}
 lines = ["", f"{'':16s} {'negatives met':22s} {'own class':>9s} {'pixel distance, other classes':>30s}"]
 for data_name, (x, y) in {"ten digits": (split.x_train, split.y_train), f"digits {CLASSES}": small[:2]}.items():
     for pairing, (mode, indices) in pairings.items():
-        share, dist = met[data_name, pairing] = negatives_met(x, y, *first_batch(x, y, mode), indices)
+        share, dist = met[data_name, pairing] = negatives_met(x, y, first_batch(x, y, mode), indices)
         lines.append(f"{data_name:16s} {pairing:22s} {share:9.1%} {dist:30.2f}")
 print("\\n".join(lines))
 (_, d_hard), (share_10, d_recipe), (_, d_random) = (met["ten digits", p] for p in pairings)
@@ -617,11 +615,11 @@ concatenated layout (see the quickstart's table): at N = 128, M = 8, a 1280 x 12
     (
         "code",
         """x, y = small[:2]
-rows, trip = first_batch(x, y, "hard")
+rows, pos_rows, neg_rows = first_batch(x, y, "hard")  # [B], [B], [B, M]
 net = demo.make_embedder(seed=0)
 with torch.no_grad():
-    a, p = net(x[rows]), net(x[trip.positives[rows]])  # [B, 64]
-    neg = net(x[trip.negatives[rows].reshape(-1)]).reshape(len(rows), 8, -1)  # [B, M, 64]
+    a, p = net(x[rows]), net(x[pos_rows])  # [B, 64]
+    neg = net(x[neg_rows.reshape(-1)]).reshape(len(rows), 8, -1)  # [B, M, 64]
 b, m = neg.shape[:2]
 regrouped = neg.reshape(b * m, -1)[torch.arange(b * m).reshape(m, b).T]  # [B, M, 64]: anchor i gets rows i + kB
 values = {

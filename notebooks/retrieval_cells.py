@@ -26,10 +26,11 @@ CELLS: list[Cell] = [
 * `false_negative_margin` with a `guide` -- drops every candidate whose guide cosine to the anchor exceeds the
   anchor-positive guide cosine minus the margin; `guide=None` uses the model's own (detached) embeddings.
 
-This notebook trains the 64-128-64 MLP of `pml_triplets.demo` on scikit-learn's digits with each option and
-measures held-out retrieval (precision@1 and MAP@R on the 540 held-out images, cosine). Every configuration is
-trained from the same seeds -- same initial weights, triplets and batch order -- so each one is compared with the
-baseline *seed by seed* (paired differences).""",
+This notebook trains the 64-128-64 MLP of the digits demo (`pml_triplets_demo`, the example application behind
+`python -m pml_triplets demo`) on scikit-learn's digits with each option and measures held-out retrieval
+(precision@1 and MAP@R on the 540 held-out images, cosine). Every configuration is trained from the same
+seeds -- same initial weights, triplets and batch order -- so each one is compared with the baseline *seed by
+seed* (paired differences).""",
     ),
     (
         "code",
@@ -41,8 +42,8 @@ import torch
 import torch.nn.functional as F
 
 import pml_triplets as pt
+import pml_triplets_demo as demo  # the digits demo: data, MLP, triplets, training loop, retrieval scores
 from claims import claim  # notebooks/claims.py: checks a sentence's number against its bound, says which failed
-from pml_triplets import demo
 
 plt.rcParams["figure.dpi"] = 80  # modest PNGs keep the notebook small
 A2P, P2A, A2A, P2P = "anchor_to_positive", "positive_to_anchor", "anchor_to_anchor", "positive_to_positive"
@@ -55,7 +56,6 @@ MARGIN = 0.1  # false_negative_margin, absolute
 
 split = demo.load_digits_split()
 x, y = split.x_train, split.y_train
-pool = demo.hard_negative_pool(x, y, 4 * M)  # each image's 4M nearest other-class images, in pixel space
 print(f"train {tuple(x.shape)}, held-out {tuple(split.x_test.shape)}, {len(y.unique())} classes")""",
     ),
     (
@@ -70,17 +70,8 @@ the first batch of seed 0.""",
     ),
     (
         "code",
-        """def batches(seed, epochs):
-    \"\"\"(anchor rows [B], positive rows [B], negative rows [B, M]) of every step, in order: fresh triplets each
-    epoch, every training image an anchor once per epoch (as demo.train). The same seed gives the same steps.\"\"\"
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        trip = demo.make_triplets(y, M, mode="hard", generator=generator, pool=pool)
-        for rows in torch.randperm(len(y), generator=generator).split(BATCH):
-            yield rows, trip.positives[rows], trip.negatives[rows]
-
-
-rows, pos, neg = next(batches(0, 1))
+        """# the first step demo.train takes with seed 0: anchor rows [B], positive rows [B], negative rows [B, M]
+rows, pos, neg = next(demo.batches(x, y, epochs=1, negatives=M, batch_size=BATCH, seed=0))
 docs_y = torch.cat([y[pos][:, None], y[neg]], dim=1)  # [B, 1 + M]: the class of each row's positive and negatives
 same = y[rows][:, None, None] == docs_y[None]  # [B, B, 1 + M]: candidate (j, k) is of anchor i's class
 other_row = ~torch.eye(len(rows), dtype=torch.bool)[:, :, None]  # [B, B, 1]
@@ -97,10 +88,10 @@ claim("fewest false negatives among the in-batch candidates of an anchor", false
         "md",
         """## Training loop
 
-`demo.train` takes no loss options, so the loop is written here: Adam (`demo.LR`), `EPOCHS` epochs of
-`BATCH`-anchor steps, each embedding anchors `[B]`, positives `[B]` and negatives `[B, M]` and calling
-`pt.infonce` with the configuration's options. A guide is a tensor of guide embeddings of all training images,
-indexed like the batch. Two rows of the comparison are not guides:
+`demo.train` runs Adam for `EPOCHS` epochs of `BATCH`-anchor steps, each embedding anchors `[B]`, positives `[B]`
+and negatives `[B, M]` and calling `pt.infonce` with the configuration's `loss_options`. A guide is a tensor of
+guide embeddings of all training images (`guide=`), and `ids=` an id of each training image; `demo.train` indexes
+both like each batch. Two rows of the comparison are not guides:
 
 * **own negatives only** (`in_batch=False`): no in-batch candidates, so no false negatives -- a reference.
 * **label oracle**: `positive_ids` / `negative_ids` set to the class labels, so that every in-batch candidate of
@@ -115,25 +106,13 @@ seed); `guide=None`, the **model's own** embeddings as it trains; and a **traine
     (
         "code",
         """def train_with(seed, options, epochs=EPOCHS):
-    \"\"\"A fresh demo embedder trained with pt.infonce(..., **options); the entries "guide" (a [N_train, g] tensor)
-    and "ids" ("labels") are turned into the per-batch guide tuple and id tensors.\"\"\"
+    \"\"\"A fresh demo embedder trained by demo.train with pt.infonce's `options`; the entries "guide" (a [N_train, g]
+    tensor) and "ids" (a [N_train] tensor) go to demo.train's `guide` and `ids`.\"\"\"
     options = dict(options)
-    guide, ids = options.pop("guide", None), options.pop("ids", None)
+    per_image = {"guide": options.pop("guide", None), "ids": options.pop("ids", None)}  # indexed like each batch
     model = demo.make_embedder(seed=seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=demo.LR)
-    for rows, pos, neg in batches(seed, epochs):
-        a, p = model(x[rows]), model(x[pos])  # [B, d]
-        n = model(x[neg.reshape(-1)]).reshape(*neg.shape, -1)  # [B, M, d]
-        extra = {}
-        if guide is not None:
-            extra["guide"] = (guide[rows], guide[pos], guide[neg])  # [B, g], [B, g], [B, M, g]
-        if ids == "labels":
-            extra |= {"positive_ids": y[pos], "negative_ids": y[neg]}
-        loss = pt.infonce(a, p, n, temperature=TAU, **options, **extra)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+    demo.train(model, x, y, epochs=epochs, negatives=M, batch_size=BATCH, seed=seed, loss_options=options, **per_image)
+    return model  # in eval mode
 
 
 IN_BATCH = {"in_batch": True}
@@ -148,7 +127,7 @@ CONFIGS = {
     "filter, guide = 1-epoch model": {**FILTER, "guide": "1-epoch model"},
     "filter, guide = None (own)": FILTER,
     "filter, guide = trained model": {**FILTER, "guide": "trained model"},
-    "label oracle (ids = classes)": {**IN_BATCH, "ids": "labels"},
+    "label oracle (ids = classes)": {**IN_BATCH, "ids": y},
 }
 BASELINE = "in-batch (baseline)"
 METRICS = {"precision_at_1": "P@1", "mean_average_precision_at_r": "MAP@R"}""",

@@ -2,7 +2,7 @@
 
 >>> import torch, pml_triplets as pt
 >>> a, p, n = torch.randn(32, 64), torch.randn(32, 64), torch.randn(32, 10, 64)
->>> loss = pt.infonce(a, p, n)  # PML's NTXentLoss, tau = 0.07, the right pairs
+>>> loss = pt.infonce(a, p, n)  # NTXentLoss's loss (cosine, tau = 0.07) on the right pairs
 >>> loss.shape
 torch.Size([])
 """

@@ -1,4 +1,4 @@
-"""The argument parsing that ``python -m pml_triplets``, ``check`` and ``demo`` share."""
+"""The argument parsing that ``python -m pml_triplets`` and ``check`` share (the demo example parses its own)."""
 
 from __future__ import annotations
 

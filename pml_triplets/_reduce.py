@@ -7,22 +7,22 @@ from typing import cast
 import torch
 from pytorch_metric_learning.reducers import PerAnchorReducer
 
-from ._config import Config
+from ._options import Options
 
 __all__: list[str] = []  # private module
 
 
-def _per_anchor(config: Config) -> bool:
+def _per_anchor(config: Options) -> bool:
     return config.loss_fn is not None and any(isinstance(r, PerAnchorReducer) for r in config.loss_fn.reducer.modules())
 
 
-def check_reducer(config: Config, n: int, k: int) -> None:
+def check_reducer(config: Options, n: int, k: int) -> None:
     """Reject sizes the reducer cannot take, before any work."""
     if k > n and config.reduction == "pml" and _per_anchor(config):
         raise ValueError(f"PerAnchorReducer needs K <= N positives per anchor; got K={k}, N={n}")
 
 
-def reduce(config: Config, losses: torch.Tensor, anchors: torch.Tensor, k: int) -> torch.Tensor:
+def reduce(config: Options, losses: torch.Tensor, anchors: torch.Tensor, k: int) -> torch.Tensor:
     """Reduce per-pair ``losses`` (N*K,) of ``anchors`` (N, d) with K positives each.
 
     A plain ``MeanReducer`` without a regularizer is the mean (what PML computes, without its bookkeeping);

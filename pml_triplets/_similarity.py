@@ -77,9 +77,20 @@ class Similarity:
             assert self.distance is not None
             mat = torch.cdist(q[:, None], r, p=self.distance.p).squeeze(1)  # (C, J)
         else:
-            assert self.distance is not None
-            mat = torch.vmap(self.distance.compute_mat)(q[:, None], r).squeeze(1)  # (C, J)
+            mat = self._generic_rows(q, r)
         return self._finish(mat)
+
+    def _generic_rows(self, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """``compute_mat`` of each anchor with its own rows, mapped with vmap, else one anchor at a time.
+
+        The loop is for a distance that reads its values (``if torch.isnan(m).any(): ...``), which vmap cannot
+        batch.
+        """
+        assert self.distance is not None
+        try:
+            return cast(torch.Tensor, torch.vmap(self.distance.compute_mat)(q[:, None], r).squeeze(1))  # (C, J)
+        except RuntimeError:
+            return torch.stack([self.distance.compute_mat(q[i : i + 1], r[i])[0] for i in range(q.shape[0])])
 
     def block(self, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """``s(q[c], r[j])`` for normalized ``q`` (C, d) and ``r`` (R, d) -> (C, R)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,19 +37,17 @@ class Spec:
 
 @dataclass(frozen=True)
 class Batch:
-    """One call's data in the engines' form and working dtype (float32 for half inputs)."""
+    """One call's data in the engine's form and working dtype (float32 for half inputs)."""
 
     spec: Spec
-    anchors: torch.Tensor  # (N, d)
-    positives: torch.Tensor  # (N, K, d)
-    negatives: torch.Tensor | None  # (N, M, d); rows that no anchor may use are zeros
-    mask: torch.Tensor | None  # (N, M) the user's mask: which negatives exist (in-batch candidates)
-    valid: torch.Tensor | None  # (N, M) negatives of their own anchor: the mask minus id clashes
+    a: torch.Tensor  # (N, d)
+    p: torch.Tensor  # (N, K, d)
+    neg: torch.Tensor | None  # (N, M, d)
+    mask: torch.Tensor | None  # (N, M) the user's mask: which negatives exist
     shared: torch.Tensor | None  # (S, d)
-    pos_ids: torch.Tensor | None  # (N, K)
-    neg_ids: torch.Tensor | None  # (N, M)
-    guide: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None  # unit rows, no grad: (N, g),
-    # (N, K, g), (N, M, g)
+    pid: torch.Tensor | None  # (N, K)
+    nid: torch.Tensor | None  # (N, M)
+    guide: Guide | None  # unit rows, no grad: (N, g), (N, K, g), (N, M, g) or None
 
 
 def _shape(x: torch.Tensor) -> str:
@@ -82,12 +81,12 @@ def _agree(name: str, t: torch.Tensor, dim: int, size: int, label: str, owner: s
         raise ValueError(f"`{name}` has {label}={t.shape[dim]} but `{owner}` has {label}={size}; got {_shape(t)}{hint}")
 
 
-def _ids(name: str, x: object, ndims: tuple[int, ...], label: str) -> torch.Tensor:
+def _ids(name: str, x: object, ndims: tuple[int, ...], label: Callable[[], str]) -> torch.Tensor:
     t = _tensor(name, x)
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"`{name}` must be an integer tensor; got dtype {t.dtype}")
     if t.ndim not in ndims:
-        raise ValueError(f"`{name}` must be {label}; got {_shape(t)}")
+        raise ValueError(f"`{name}` must be {label()}; got {_shape(t)}")
     return t
 
 
@@ -106,18 +105,21 @@ def check_temperature(temperature: object) -> Temperature:
             )
         if transformed() or temperature.device.type == "meta":
             return temperature
-        if temperature.device.type == "cpu" and not _is_compiling():
+        if temperature.device.type == "cpu" and not is_compiling():
             _check_positive(float(temperature.detach()))
         else:
             ok = torch.logical_and(temperature > 0, torch.isfinite(temperature))
             torch._assert_async(ok, "`temperature` must be positive and finite")
         return temperature
     if isinstance(temperature, numbers.Real) and not isinstance(temperature, bool):
+        if is_compiling():  # a float that torch.compile traces (a schedule): checked in the graph, not read here
+            torch._check(temperature > 0, lambda: "`temperature` must be positive")  # type: ignore[operator]
+            return temperature  # type: ignore[return-value]
         return _check_positive(float(temperature))
     raise TypeError(f"`temperature` must be a float or a 0-d tensor; got {type(temperature).__name__}")
 
 
-def _is_compiling() -> bool:
+def is_compiling() -> bool:
     # torch.compiler.is_compiling arrived in torch 2.3; torch._dynamo's has the same meaning before it.
     return bool(getattr(torch.compiler, "is_compiling", torch._dynamo.is_compiling)())
 
@@ -142,15 +144,6 @@ def _check_positive(value: float) -> float:
     return value
 
 
-def check_size(name: str, value: object) -> int:
-    """A non-negative integer (``numbers.Integral``, numpy's included; ``bool`` excluded), as a Python int."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an int; got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"`{name}` must be >= 0; got {value}")
-    return int(value)
-
-
 def check_inputs(
     anchors: object,
     positives: object,
@@ -163,62 +156,26 @@ def check_inputs(
     negative_ids: object = None,
 ) -> Spec:
     """Validate one call's data and return its sizes. Raises ``TypeError``/``ValueError`` naming the argument."""
-    a = _tensor("anchors", anchors)
-    p = _tensor("positives", positives)
+    a, p = _tensor("anchors", anchors), _tensor("positives", positives)
     neg = None if negatives is None else _tensor("negatives", negatives)
     sh = None if shared_negatives is None else _tensor("shared_negatives", shared_negatives)
-    named = [("anchors", a), ("positives", p), ("negatives", neg), ("shared_negatives", sh)]
-    present = [(name, t) for name, t in named if t is not None]
-    for name, t in present:
-        _floating(name, t)
-
-    if a.ndim != 2:
-        raise ValueError(f"`anchors` must be [N, d]; got {_shape(a)}")
-    n, d = a.shape
-    if n == 0:
-        raise ValueError(f"`anchors` must hold at least one row: [N, d] with N >= 1; got {_shape(a)}")
-    if d == 0:
-        raise ValueError(f"`anchors` must have d >= 1: [N, d]; got {_shape(a)}")
-
-    if p.ndim not in (2, 3):
-        raise ValueError(f"`positives` must be [N, d] = [{n}, {d}] or [N, K, d] = [{n}, K, {d}]; got {_shape(p)}")
-    _agree("positives", p, 0, n, "N", "anchors")
-    _agree("positives", p, -1, d, "d", "anchors")
-    k = 1 if p.ndim == 2 else p.shape[1]
-    if k == 0:
-        raise ValueError(f"`positives` must hold K >= 1 positives per anchor: [N, K, d]; got {_shape(p)}")
-
-    m = 0
-    if neg is not None:
-        if neg.ndim != 3:
-            hint = ""
-            if neg.ndim == 2 and tuple(neg.shape) == (n, d):
-                hint = " (one negative per anchor? pass negatives.unsqueeze(1))"
-            elif neg.ndim == 2 and neg.shape[1] == d:
-                hint = " (flattened negatives? pass negatives.reshape(N, M, d))"
-            raise ValueError(f"`negatives` must be [N, M, d] = [{n}, M, {d}]; got {_shape(neg)}{hint}")
-        transposed = neg.shape[0] != n and neg.shape[1] == n
-        hint = " (did you pass [M, N, d]? use negatives.transpose(0, 1))" if transposed else ""
-        _agree("negatives", neg, 0, n, "N", "anchors", hint)
-        _agree("negatives", neg, 2, d, "d", "anchors")
-        m = neg.shape[1]
-
-    s = 0
+    for name, t in (("anchors", a), ("positives", p), ("negatives", neg), ("shared_negatives", sh)):
+        if t is not None:
+            _floating(name, t)
+            if t.dtype != a.dtype:
+                raise TypeError(
+                    f"`{name}` has dtype {t.dtype} but `anchors` has {a.dtype}; inputs are not promoted, "
+                    "cast them to one dtype"
+                )
+    n, k, d = _check_pairs(a, p)
+    m = 0 if neg is None else _check_negatives(neg, n, d)
+    if sh is not None and sh.ndim != 2:
+        raise ValueError(f"`shared_negatives` must be [S, d] = [S, {d}]; got {_shape(sh)}")
     if sh is not None:
-        if sh.ndim != 2:
-            raise ValueError(f"`shared_negatives` must be [S, d] = [S, {d}]; got {_shape(sh)}")
         _agree("shared_negatives", sh, 1, d, "d", "anchors")
-        s = sh.shape[0]
-
-    for name, t in present[1:]:
-        if t.dtype != a.dtype:
-            raise TypeError(
-                f"`{name}` has dtype {t.dtype} but `anchors` has {a.dtype}; inputs are not promoted, "
-                "cast them to one dtype"
-            )
-        if t.device != a.device:
+    for name, t in (("positives", p), ("negatives", neg), ("shared_negatives", sh)):
+        if t is not None and t.device != a.device:
             raise ValueError(f"`{name}` is on {t.device} but `anchors` is on {a.device}; move them to one device")
-
     if negatives_mask is not None:
         if neg is None:
             raise ValueError("`negatives_mask` was given without `negatives`")
@@ -229,57 +186,104 @@ def check_inputs(
             raise ValueError(f"`negatives_mask` must be [N, M] = [{n}, {m}]; got {_shape(mask)}")
         _agree("negatives_mask", mask, 0, n, "N", "anchors")
         _agree("negatives_mask", mask, 1, m, "M", "negatives")
-        if mask.device != a.device:
-            raise ValueError(f"`negatives_mask` is on {mask.device} but `anchors` is on {a.device}")
-
+        _same_device("negatives_mask", mask, a)
+    s = 0 if sh is None else sh.shape[0]
     if m == 0 and s == 0 and not in_batch:
         got = "None" if neg is None else _shape(neg)
         raise ValueError(
             f"no negatives: `negatives` must be [N, M, d] = [{n}, M, {d}] with M >= 1 (got {got}), "
             "or pass `shared_negatives` or `in_batch=True`"
         )
-
     if positive_ids is not None or negative_ids is not None:
-        if positive_ids is None:
-            raise ValueError(
-                "`negative_ids` needs `positive_ids`: ids only exclude candidates that share a positive's id"
-            )
-        pid = _ids("positive_ids", positive_ids, (1, 2) if p.ndim == 2 else (2,), f"[N] or [N, K] = [{n}, {k}]")
-        _agree("positive_ids", pid, 0, n, "N", "anchors")
-        if pid.ndim == 2:
-            _agree("positive_ids", pid, 1, k, "K", "positives")
-        if negative_ids is not None:
-            if neg is None:
-                raise ValueError("`negative_ids` was given without `negatives`")
-            nid = _ids("negative_ids", negative_ids, (2,), f"[N, M] = [{n}, {m}]")
-            _agree("negative_ids", nid, 0, n, "N", "anchors")
-            _agree("negative_ids", nid, 1, m, "M", "negatives")
-        elif not in_batch:
+        _check_ids(positive_ids, negative_ids, a, p, n, k, m, neg is not None, in_batch)
+    return Spec(n=n, k=k, m=m, s=s, d=d, dtype=a.dtype, device=a.device)
+
+
+def _check_pairs(a: torch.Tensor, p: torch.Tensor) -> tuple[int, int, int]:
+    """N, K and d of anchors [N, d] and positives [N, d] or [N, K, d]."""
+    if a.ndim != 2:
+        raise ValueError(f"`anchors` must be [N, d]; got {_shape(a)}")
+    n, d = a.shape
+    if n == 0:
+        raise ValueError(f"`anchors` must hold at least one row: [N, d] with N >= 1; got {_shape(a)}")
+    if d == 0:
+        raise ValueError(f"`anchors` must have d >= 1: [N, d]; got {_shape(a)}")
+    if p.ndim not in (2, 3):
+        raise ValueError(f"`positives` must be [N, d] = [{n}, {d}] or [N, K, d] = [{n}, K, {d}]; got {_shape(p)}")
+    _agree("positives", p, 0, n, "N", "anchors")
+    _agree("positives", p, -1, d, "d", "anchors")
+    k = 1 if p.ndim == 2 else p.shape[1]
+    if k == 0:
+        raise ValueError(f"`positives` must hold K >= 1 positives per anchor: [N, K, d]; got {_shape(p)}")
+    return n, k, d
+
+
+def _check_negatives(neg: torch.Tensor, n: int, d: int) -> int:
+    """M of negatives [N, M, d], with a hint for the usual wrong layouts."""
+    if neg.ndim != 3:
+        hint = ""
+        if neg.ndim == 2 and tuple(neg.shape) == (n, d):
+            hint = " (one negative per anchor? pass negatives.unsqueeze(1))"
+        elif neg.ndim == 2 and neg.shape[1] == d:
+            hint = " (flattened negatives? pass negatives.reshape(N, M, d))"
+        raise ValueError(f"`negatives` must be [N, M, d] = [{n}, M, {d}]; got {_shape(neg)}{hint}")
+    transposed = neg.shape[0] != n and neg.shape[1] == n
+    _agree("negatives", neg, 0, n, "N", "anchors", " (did you pass [M, N, d]? use negatives.transpose(0, 1))"
+           if transposed else "")  # fmt: skip
+    _agree("negatives", neg, 2, d, "d", "anchors")
+    return int(neg.shape[1])
+
+
+def _check_ids(
+    positive_ids: object, negative_ids: object, a: torch.Tensor, p: torch.Tensor, n: int, k: int, m: int,
+    negatives: bool, in_batch: bool,
+) -> None:  # fmt: skip
+    if positive_ids is None:
+        raise ValueError("`negative_ids` needs `positive_ids`: ids only exclude candidates that share a positive's id")
+
+    def shapes() -> str:  # built only to raise: formatting a size traced by torch.compile would fix it
+        return (
+            f"[N] or [N, K] = [{n}] or [{n}, {k}]" if p.ndim == 2 else f"[N, K] = [{n}, {k}] (positives are [N, K, d])"
+        )
+
+    pid = _ids("positive_ids", positive_ids, (1, 2) if p.ndim == 2 else (2,), shapes)
+    _agree("positive_ids", pid, 0, n, "N", "anchors")
+    if pid.ndim == 2:
+        _agree("positive_ids", pid, 1, k, "K", "positives")
+    _same_device("positive_ids", pid, a)
+    if negative_ids is None:
+        if not in_batch:
             raise ValueError(
                 "`positive_ids` has no effect without `negative_ids` or `in_batch=True`: nothing to compare it with"
             )
-        for name, ids in (("positive_ids", positive_ids), ("negative_ids", negative_ids)):
-            if isinstance(ids, torch.Tensor) and ids.device != a.device:
-                raise ValueError(f"`{name}` is on {ids.device} but `anchors` is on {a.device}")
+        return
+    if not negatives:
+        raise ValueError("`negative_ids` was given without `negatives`")
+    nid = _ids("negative_ids", negative_ids, (2,), lambda: f"[N, M] = [{n}, {m}]")
+    _agree("negative_ids", nid, 0, n, "N", "anchors")
+    _agree("negative_ids", nid, 1, m, "M", "negatives")
+    _same_device("negative_ids", nid, a)
 
-    return Spec(n=n, k=k, m=m, s=s, d=d, dtype=a.dtype, device=a.device)
+
+def _same_device(name: str, t: torch.Tensor, a: torch.Tensor) -> None:
+    if t.device != a.device:
+        raise ValueError(f"`{name}` is on {t.device} but `anchors` is on {a.device}")
 
 
 def prepare(
     anchors: torch.Tensor,
     positives: torch.Tensor,
     negatives: torch.Tensor | None,
-    *,
     negatives_mask: torch.Tensor | None,
     shared_negatives: torch.Tensor | None,
-    in_batch: bool,
     positive_ids: torch.Tensor | None,
     negative_ids: torch.Tensor | None,
-    gather: bool,
-    guide: object = None,
-    filtering: bool = False,
+    guide: object,
+    in_batch: bool,
+    filtering: bool,
+    hardness_mode: str | None,
 ) -> Batch:
-    """Validate, then bring one call's data into the engines' form (see :class:`Batch`)."""
+    """Validate, then bring one call's data into the engine's form (see :class:`Batch`)."""
     spec = check_inputs(
         anchors,
         positives,
@@ -290,33 +294,20 @@ def prepare(
         positive_ids=positive_ids,
         negative_ids=negative_ids,
     )
+    if hardness_mode == "own" and spec.m == 0:
+        raise ValueError("`hardness_mode='own'` weighs each anchor's own negatives, and `negatives` is None")
     guides = _check_guide(guide, spec, positives, filtering, shared_negatives is not None)
     n, k, d = spec.n, spec.k, spec.d
     work = torch.float32 if spec.dtype in (torch.float16, torch.bfloat16) else spec.dtype
-    neg = None if negatives is None else negatives.to(work)  # (N, M, d); no copy when already in `work`
-    pid = None if positive_ids is None else positive_ids.reshape(n, k)  # (N, K)
-    valid = negatives_mask
-    unused = None if negatives_mask is None else ~negatives_mask  # (N, M) rows that no anchor may use
-    if neg is not None and pid is not None and negative_ids is not None:
-        clash = (negative_ids[:, :, None] == pid[:, None, :]).any(-1)  # (N, M) same item as an own positive
-        valid = ~clash if valid is None else valid & ~clash
-        # In-batch, a clashing negative is still a candidate of the other anchors, unless they all share the id.
-        everywhere = clash if not in_batch else clash & _in_every_row(negative_ids, pid)
-        if not gather:  # other ranks' anchors are not known here: zero only what the mask rules out
-            unused = everywhere if unused is None else unused | everywhere
-    if neg is not None and unused is not None:
-        # Zero what no anchor may use, so whatever it holds (inf, NaN) reaches neither the loss nor a gradient.
-        neg = torch.where(unused[..., None], neg.new_zeros(()), neg)
     return Batch(
         spec=spec,
-        anchors=anchors.to(work),
-        positives=positives.to(work).reshape(n, k, d),
-        negatives=neg,
+        a=anchors.to(work),
+        p=positives.to(work).reshape(n, k, d),
+        neg=None if negatives is None else negatives.to(work),
         mask=negatives_mask,
-        valid=valid,
         shared=None if shared_negatives is None else shared_negatives.to(work),
-        pos_ids=pid,
-        neg_ids=negative_ids,
+        pid=None if positive_ids is None else positive_ids.reshape(n, k),
+        nid=negative_ids,
         guide=None if guides is None else _unit(guides, n, k, work),
     )
 
@@ -360,9 +351,3 @@ def _check_guide(
         if t.device != spec.device:
             raise ValueError(f"`{name}` is on {t.device} but `anchors` is on {spec.device}")
     return ga, gp, gn
-
-
-def _in_every_row(ids: torch.Tensor, pid: torch.Tensor) -> torch.Tensor:
-    """(N, M) bool: ``ids[i, j]`` is among the positive ids of every row of ``pid`` (N, K)."""
-    common = (pid[None, :, :] == pid[0][:, None, None]).any(-1).all(-1)  # (K,) row 0's ids held by every row
-    return ((ids[..., None] == pid[0]) & common).any(-1)

@@ -1,20 +1,22 @@
 """``python -m pml_triplets check``: :func:`pml_triplets.infonce` against the float64 reference formula.
 
 For every available device and dtype, and for each option of the loss (per-anchor negatives, a mask, K positives,
-shared negatives, in-batch negatives with ids), the value and the gradients with respect to every embedding input
-are compared with :func:`pml_triplets.reference_infonce` and its autograd gradients, in float64, evaluated on the
-*same* inputs: half-precision inputs are rounded first, and the reference sees the rounded values. The only error
-left is then the computation's, and the tolerances below bound it.
+shared negatives, in-batch negatives with ids, and the retrieval options: all four directions with hardness
+weighting, and the symmetric per-direction loss with a guide's false-negative filter), the value and the gradients
+with respect to every embedding input are compared with :func:`pml_triplets.reference_infonce` and its autograd
+gradients, in float64, evaluated on the *same* inputs: half-precision inputs are rounded first, and the reference
+sees the rounded values. The only error left is then the computation's, and the tolerances below bound it.
 
 Tolerances. Let ``u`` be the unit roundoff (``eps / 2``) of the precision the loss is computed in: float64 for
 float64 inputs, float32 for everything else (half-precision inputs are upcast, computed, and cast back). A logit is
-a cosine similarity (a sum of ``d`` products, ``|s| <= 1``) divided by ``τ``; a loss term is a log-sum-exp over the
-``T`` logits of one anchor (its positive and its candidates). Rounding errors of a sum of ``n`` terms grow like
-``sqrt(n) * u`` (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., sec. 2.8), so with a safety
-factor ``C = 4``::
+a cosine similarity (a sum of ``d`` products, ``|s| <= 1``) divided by ``τ``, plus ``h * s`` with
+``hardness_strength`` ``h`` where hardness applies, so ``|logit| <= 1/τ + h``; a loss term is a log-sum-exp over the
+``T`` logits of one softmax (the positive and the candidates of every direction). Rounding errors of a sum of ``n``
+terms grow like ``sqrt(n) * u`` (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., sec. 2.8), so
+with a safety factor ``C = 4``::
 
-    |Δ loss|                 <= C * sqrt(d + T) * u * (|loss| + 1/τ)      # logits are at most 1/τ in size
-    max|Δ ∇x| / max|∇x ref|  <= C * sqrt(d + T) * u * (1 + 1/τ)           # softmax weights carry the logits' error
+    |Δ loss|                 <= C * sqrt(d + T) * u * (|loss| + 1/τ + h)  # logits are at most 1/τ + h in size
+    max|Δ ∇x| / max|∇x ref|  <= C * sqrt(d + T) * u * (1 + 1/τ + h)       # softmax weights carry the logits' error
 
 Half precision adds exactly one rounding of the float32 result to the output dtype: at most half a unit in the
 last place of the value, ``ulp(loss) / 2 <= (eps / 2) * |loss|``, and ``(eps / 2) * max|∇x|`` per gradient element,
@@ -22,6 +24,10 @@ with ``eps`` the dtype's (bfloat16: ``eps / 2 = 2**-8 ≈ 0.39 %``; float16: ``2
 the value is at least 1.28 units in the last place of bfloat16 (an ulp is at most ``eps * |x| ≈ 0.78 %``), so the
 rounded faulty value lands at least one ulp from the correctly rounded one, beyond the half-ulp bound unless the
 reference sits within float32 noise of a rounding midpoint; ``tests/test_check.py`` shows it failing every dtype.
+
+The false-negative filter is a comparison, so rounding could flip it for a candidate within float32 noise of its
+threshold: the guide of that case is one-hot (every guide cosine is exactly 0 or 1, the threshold 0.9), which every
+dtype represents exactly.
 """
 
 from __future__ import annotations
@@ -44,9 +50,12 @@ SUMMARY = "compare pml_triplets.infonce with the float64 reference formula on ev
 DESCRIPTION = (
     "Compare pml_triplets.infonce (its default and pml engines) and plain NTXentLoss + build_indices with the "
     "float64 reference formula, value and gradients, for per-anchor negatives, a mask, K positives, shared "
-    "negatives and in-batch negatives with ids, on every available device and dtype. Exits 1 if any row fails."
+    "negatives, in-batch negatives with ids and the retrieval options (directions, hardness, a guide's "
+    "false-negative filter), on every available device and dtype. Exits 1 if any row fails."
 )
 SAFETY = 4.0  # the constant C of the module docstring
+GTE = ("anchor_to_positive", "positive_to_anchor", "anchor_to_anchor", "positive_to_positive")
+RETRIEVAL = ("gte+hardness+shared", "symmetric+guide,K=2")  # cases only the default (dense) engine computes
 HALF = (torch.float16, torch.bfloat16)
 # Checked on every device: half-precision inputs are computed in float32, so all four run on the CPU too.
 DTYPES = (torch.float64, torch.float32, *HALF)
@@ -93,12 +102,18 @@ class _Case:
     options: dict[str, object] = field(default_factory=dict)
 
     def candidates(self) -> int:
-        """T: the most logits in one anchor's softmax (its positive and its candidate negatives)."""
+        """T: the most logits in one softmax (the positive, twice with positive_to_anchor, and every candidate)."""
         n, m = self.embeddings["negatives"].shape[:2]
         k = self.embeddings["positives"].shape[1] if self.embeddings["positives"].ndim == 3 else 1
         s = len(self.embeddings.get("shared_negatives", ()))
-        in_batch = (n - 1) * (k + m) if self.options.get("in_batch") else 0
-        return 1 + m + s + in_batch
+        docs = (n - 1) * (k + m) if self.options.get("in_batch") else 0  # the other rows' positives and negatives
+        directions = cast(tuple[str, ...], self.options.get("directions", ()))
+        blocks = {"positive_to_anchor": n, "anchor_to_anchor": n - 1, "positive_to_positive": docs}
+        return 1 + m + s + docs + sum(size for name, size in blocks.items() if name in directions)
+
+    def logit_bound(self, tau: float) -> float:
+        """The largest |logit|: a cosine over τ, plus the hardness term ``h * s``."""
+        return 1 / tau + cast(float, self.options.get("hardness_strength", 0.0))
 
 
 def _cases(n: int, m: int, d: int, seed: int) -> list[_Case]:
@@ -117,6 +132,20 @@ def _cases(n: int, m: int, d: int, seed: int) -> list[_Case]:
     pos_ids = 2 * (torch.arange(n)[:, None] // 2) + torch.arange(2)  # (N, 2)
     neg_ids = torch.randint(0, 2 * n, (n, m), generator=gen)
     neg_ids[::3, 0] = pos_ids[::3, 0]
+    return [*_basic_cases(a, p, neg, masked_neg, mask, pos_ids, neg_ids, randn), *_retrieval_cases(a, neg, randn)]
+
+
+def _basic_cases(
+    a: torch.Tensor,
+    p: torch.Tensor,
+    neg: torch.Tensor,
+    masked_neg: torch.Tensor,
+    mask: torch.Tensor,
+    pos_ids: torch.Tensor,
+    neg_ids: torch.Tensor,
+    randn: Callable[..., torch.Tensor],
+) -> list[_Case]:
+    n, m, d = neg.shape
     return [
         _Case("plain", {"anchors": a, "positives": p, "negatives": neg}),
         _Case("mask", {"anchors": a, "positives": p, "negatives": masked_neg}, {"negatives_mask": mask}),
@@ -126,6 +155,29 @@ def _cases(n: int, m: int, d: int, seed: int) -> list[_Case]:
             "in-batch+ids+mask,K=2",
             {"anchors": a, "positives": randn(n, 2, d), "negatives": masked_neg},
             {"negatives_mask": mask, "in_batch": True, "positive_ids": pos_ids, "negative_ids": neg_ids},
+        ),
+    ]
+
+
+def _retrieval_cases(a: torch.Tensor, neg: torch.Tensor, randn: Callable[..., torch.Tensor]) -> list[_Case]:
+    """The retrieval options on at most 8 anchors and 4 negatives each: the reference's loops grow with N² (K + M)."""
+    n, m, d = min(len(a), 8), min(neg.shape[1], 4), a.shape[1]
+    a, neg = a[:n], neg[:n, :m]
+    # A one-hot guide: rows 2j and 2j+1 share a class and each negative draws one, so g is exactly 0 or 1
+    width = n // 2 + 1
+    classes = torch.nn.functional.one_hot(torch.arange(n) // 2, width).double()  # (N, g)
+    neg_classes = torch.nn.functional.one_hot(torch.arange(n * m).reshape(n, m) % width, width).double()  # (N, M, g)
+    guide = (classes, classes[:, None].expand(n, 2, width).clone(), neg_classes)
+    gte = {"in_batch": True, "directions": GTE, "hardness_mode": "all", "hardness_strength": 2.0}
+    symmetric = {"in_batch": True, "directions": GTE[:2], "partition": "per_direction", "false_negative_margin": 0.1}
+    return [
+        _Case(
+            RETRIEVAL[0],
+            {"anchors": a, "positives": randn(n, d), "negatives": neg, "shared_negatives": randn(m, d)},
+            gte,
+        ),
+        _Case(
+            RETRIEVAL[1], {"anchors": a, "positives": randn(n, 2, d), "negatives": neg}, {**symmetric, "guide": guide}
         ),
     ]
 
@@ -142,12 +194,17 @@ def _tolerances(case: _Case, dtype: torch.dtype, reference: float, tau: float) -
     d = case.embeddings["anchors"].shape[1]
     u = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps / 2
     growth = SAFETY * math.sqrt(d + case.candidates()) * u
-    value_tol, grad_tol = growth * (abs(reference) + 1 / tau), growth * (1 + 1 / tau)
+    bound = case.logit_bound(tau)
+    value_tol, grad_tol = growth * (abs(reference) + bound), growth * (1 + bound)
     if dtype in HALF:  # one rounding of the float32 result to the output dtype
         value_tol += _half_ulp(reference, dtype)
         grad_tol += torch.finfo(dtype).eps / 2
     return value_tol, grad_tol
 
+
+# The float64 references by (n, m, d, seed, case, dtype): they depend on nothing else, and the loop-by-loop formula
+# is slow, so a process computes each one once (tests run the check many times).
+_REFERENCES: dict[tuple[object, ...], tuple[float, dict[str, torch.Tensor]]] = {}
 
 Method = Callable[[dict[str, torch.Tensor], dict[str, object]], torch.Tensor]
 
@@ -168,7 +225,9 @@ def _methods(case: _Case, dtype: torch.dtype, tau: float) -> dict[str, Method]:
             torch.Tensor, NTXentLoss(temperature=tau)(emb, indices_tuple=build_indices(n, m, device=emb.device))
         )
 
-    methods: dict[str, Method] = {"infonce": default, "infonce[pml]": pml}
+    methods: dict[str, Method] = {"infonce": default}
+    if case.name not in RETRIEVAL:  # engine="pml" computes NTXentLoss's pairs, not the retrieval blocks
+        methods["infonce[pml]"] = pml
     # Plain PML over build_indices covers only [N, d] positives and [N, M, d] negatives, and computes in the
     # inputs' dtype (half precision included, where the bounds above do not hold): float32 and float64 only.
     if case.name == "plain" and dtype not in HALF:
@@ -221,19 +280,21 @@ def _run_checks(n: int, m: int, d: int, seed: int) -> list[Row]:
         return reference_infonce(**x, **opt, temperature=tau)  # type: ignore[arg-type]
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    references: dict[tuple[str, torch.dtype], tuple[float, dict[str, torch.Tensor]]] = {}
     rows = []
     for device in devices:
         for dtype in DTYPES:
             for case in _cases(n, m, d, seed):
                 rounded = {k: v.to(dtype) for k, v in case.embeddings.items()}
-                if (case.name, dtype) not in references:  # once per case and dtype, on the CPU, in float64
+                rounded_options = {k: _to(v, "cpu", dtype) for k, v in case.options.items()}
+                key = (n, m, d, seed, case.name, dtype)
+                if key not in _REFERENCES:  # once per case and dtype, on the CPU, in float64
                     f64 = {k: v.double() for k, v in rounded.items()}
-                    references[case.name, dtype] = _loss_and_grads(reference, f64, case.options)
-                ref, ref_grads = references[case.name, dtype]
+                    f64_options = {k: _to(v, "cpu", torch.float64) for k, v in rounded_options.items()}
+                    _REFERENCES[key] = _loss_and_grads(reference, f64, f64_options)
+                ref, ref_grads = _REFERENCES[key]
                 value_tol, grad_tol = _tolerances(case, dtype, ref, tau)
                 inputs = {k: v.to(device) for k, v in rounded.items()}
-                options = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.options.items()}
+                options = {k: _to(v, device, dtype) for k, v in rounded_options.items()}
                 where = Row(device, str(dtype).removeprefix("torch."), case.name, method="")
                 for name, method in _methods(case, dtype, tau).items():
                     try:
@@ -254,6 +315,15 @@ def _run_checks(n: int, m: int, d: int, seed: int) -> list[Row]:
                         )
                     )
     return rows
+
+
+def _to(value: object, device: str, dtype: torch.dtype) -> object:
+    """An option on ``device``; its floating tensors (a guide) in ``dtype``, like the embeddings; tuples entry-wise."""
+    if isinstance(value, tuple):
+        return tuple(_to(v, device, dtype) for v in value)
+    if isinstance(value, torch.Tensor):
+        return value.to(device, dtype) if value.is_floating_point() else value.to(device)
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

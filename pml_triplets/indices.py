@@ -8,9 +8,11 @@ gives ``a[j] = j // M``, the anchor that owns the negative. :func:`pairing_matri
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
-from ._validation import check_inputs, check_size
+from ._validation import check_inputs
 
 __all__ = ["build_indices", "concat_embeddings", "pairing_matrix"]
 
@@ -126,3 +128,12 @@ def pairing_matrix(indices_tuple: IndicesTuple, n: int, m: int) -> torch.Tensor:
     out = torch.zeros(n, n * m, dtype=torch.bool)
     out[a2[keep], col[keep]] = True
     return out & has_pos[:, None]
+
+
+def check_size(name: str, value: object) -> int:
+    """A non-negative integer (``numbers.Integral``, numpy's included; ``bool`` excluded), as a Python int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int; got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"`{name}` must be >= 0; got {value}")
+    return int(value)

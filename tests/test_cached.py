@@ -23,6 +23,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -111,6 +112,20 @@ CASES: dict[str, tuple[int, Options]] = {
                 distance=distances.DotProductSimilarity(),
                 embedding_regularizer=regularizers.LpRegularizer(),
             ),
+        },
+    ),
+    "retrieval": (  # criterion=None: these configure the InfoNCE built up front; masks and ids go to forward
+        2,
+        lambda d: {
+            "temperature": tau_parameter(0.2),
+            "in_batch": True,
+            "directions": ("anchor_to_positive", "positive_to_anchor", "anchor_to_anchor"),
+            "hardness_mode": "in_batch",
+            "hardness_strength": 0.5,
+            "false_negative_margin": 0.1,
+            "negatives_mask": d["negatives_mask"],
+            "positive_ids": d["positive_ids"],
+            "negative_ids": d["negative_ids"],
         },
     ),
     "module_all": (  # InfoNCE module: learnable temperature, K = 2, masks, ids, in-batch negatives
@@ -213,6 +228,13 @@ def test_no_negatives_in_batch_and_one_anchor() -> None:
     enc, ref = make_encoder().eval(), make_encoder().eval()
     loss = pt.cached_step(enc, a, p, mini_batch_size=2, in_batch=True, temperature=0.2)
     close(loss, full_batch(ref, a, p, None, {"in_batch": True, "temperature": 0.2}))
+    for got, expected in zip(enc.parameters(), ref.parameters(), strict=True):
+        close(got.grad, expected.grad)
+    # M = 0 negatives per anchor: a group that no mini-batch embeds
+    enc, ref = make_encoder().eval(), make_encoder().eval()
+    empty = torch.zeros(5, 0, D_IN, dtype=F64)
+    loss = pt.cached_step(enc, a, p, empty, mini_batch_size=2, in_batch=True, temperature=0.2)
+    close(loss, full_batch(ref, a, p, empty, {"in_batch": True, "temperature": 0.2}))
     for got, expected in zip(enc.parameters(), ref.parameters(), strict=True):
         close(got.grad, expected.grad)
     # N = 1 and one row per mini-batch
@@ -558,6 +580,21 @@ INPUT_ERRORS = [
     ),
     pytest.param(with_(anchors=[1.0, 2.0]), {}, TypeError, r"`anchors` must be a torch.Tensor or a dict", id="list"),
     pytest.param(
+        with_(anchors=np.zeros((4, D_IN))),
+        {},
+        TypeError,
+        r"`anchors` must be a torch.Tensor or a dict of tensors \(as tokenizers return\); got ndarray "
+        r"\(convert it with torch\.from_numpy\(\.\.\.\)\)$",
+        id="numpy",
+    ),
+    pytest.param(
+        with_(anchors=ids4, positives={**ids4, "input_ids": np.zeros((4, 3))}, negatives=None),
+        {},
+        TypeError,
+        r"`positives\['input_ids'\]` must be a torch.Tensor; got ndarray \(convert it with torch\.from_numpy",
+        id="dict-numpy",
+    ),
+    pytest.param(
         with_(anchors=ids4, positives=ids4["input_ids"], negatives=None),
         {},
         TypeError,
@@ -636,6 +673,12 @@ OUTPUT_ERRORS = [  # mini_batch_size=3 over N = 4 anchors: rows 0:3, then 3:4
     ),
     pytest.param(lambda y: y.long(), TypeError, r"`encoder` must return floating-point embeddings", id="int"),
     pytest.param(
+        lambda y: y.numpy(),
+        TypeError,
+        r"got ndarray \(convert it with torch\.from_numpy\(\.\.\.\)\) for the mini-batch of `anchors` rows 0:3",
+        id="numpy",
+    ),
+    pytest.param(
         lambda y: y if y.shape[0] == 3 else y[:, :3],  # d changes with the size of the mini-batch
         ValueError,
         r"`encoder` returned d=3 for the mini-batch of `anchors` rows 3:4 but d=5 before",
@@ -672,9 +715,300 @@ def test_grad_disabled_or_frozen_encoder() -> None:
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"call it with grad enabled, not under torch.no_grad"):
         pt.cached_step(spy, *good().values(), mini_batch_size=3)
     assert spy.calls == []
+    # A frozen nn.Module: known from its parameters, before any encoder call (and before tau gets a gradient).
     spy.requires_grad_(False)
+    tau = tau_parameter(0.1)
+    with pytest.raises(ValueError, match=r"`encoder` is frozen: none of its 4 parameter tensors requires grad"):
+        pt.cached_step(spy, *good().values(), mini_batch_size=3, temperature=tau)
+    assert spy.calls == []
+    assert tau.grad is None
+    # A plain callable: known at its first call with grad; tau's gradient, written by then, is taken back.
     with pytest.raises(ValueError, match=r"`encoder`'s output does not require grad: does any of its parameters\?"):
-        pt.cached_step(spy, *good().values(), mini_batch_size=3)
+        pt.cached_step(lambda x: spy(x), *good().values(), mini_batch_size=3, temperature=tau)
+    assert spy.calls == [False] * 7 + [True]  # 2 + 2 + 3 mini-batches, then the first with grad
+    assert tau.grad is None
+
+
+CONFIG_ERRORS = [
+    pytest.param({"temperature": -0.1}, "temperature", id="temperature<0"),
+    pytest.param({"temperature": 0.0}, "temperature", id="temperature0"),
+    pytest.param({"directions": ("bogus",)}, "directions", id="directions"),
+    pytest.param({"in_batch": True, "partition": "bogus"}, "partition", id="partition"),
+    pytest.param({"margin_strategy": "bogus", "false_negative_margin": 0.1}, "margin_strategy", id="margin_strategy"),
+    pytest.param({"hardness_mode": "own", "hardness_strength": -1.0}, "hardness_strength", id="hardness_strength"),
+    pytest.param({"engine": "bogus"}, "engine", id="engine"),
+    pytest.param({"chunk_size": 0}, "chunk_size", id="chunk_size"),
+]
+
+
+@pytest.mark.parametrize(("options", "name"), CONFIG_ERRORS)
+def test_bad_configuration_raises_before_the_encoder_runs(options: dict[str, Any], name: str) -> None:
+    # The same error as infonce's own (given embeddings), but with 0 encoder calls, not 2 * 8 first.
+    data = good()
+    with pytest.raises((ValueError, TypeError)) as want:
+        pt.infonce(*(make_encoder()(data[key]) for key in GROUPS), **options)
+    spy = Spy()
+    with pytest.raises(type(want.value)) as got:
+        pt.cached_step(spy, *data.values(), mini_batch_size=2, **options)
+    assert f"`{name}`" in str(got.value)
+    assert spy.calls == []
+
+
+# ---------------------------------------------------------------- pass 2 must embed as pass 1 did
+
+
+class PooledTransformer(nn.Module):
+    """Token embedding, one nn.TransformerEncoder layer with a padding mask, the mean over every position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.tokens = nn.Embedding(30, 16)
+            layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+            self.body = nn.TransformerEncoder(layer, 1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        x = self.body(self.tokens(input_ids), src_key_padding_mask=attention_mask == 0)  # (B, L, 16)
+        return x.mean(1)  # type: ignore[no-any-return]  # padded positions included: they differ between paths
+
+
+@contextlib.contextmanager
+def fastpath(enabled: bool) -> Iterator[None]:
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+def test_transformer_fast_path_in_eval_raises_instead_of_a_wrong_gradient() -> None:
+    g = torch.Generator().manual_seed(2)
+    a, p, neg = tokens((6,), 7, g), tokens((6,), 7, g), tokens((6, 2), 7, g)
+    assert (a["attention_mask"][:4] == 0).any()  # the first mini-batch has padding
+    enc, ref = PooledTransformer().eval(), PooledTransformer().eval()
+    with torch.no_grad():
+        fast = enc(**a)
+    if torch.equal(fast, enc(**a)):
+        pytest.skip("this torch embeds alike with and without grad (no transformer fast path to detect)")
+    tau, tau_ref = (nn.Parameter(torch.tensor(0.1)) for _ in range(2))
+
+    switch = hasattr(getattr(torch.backends, "mha", None), "set_fastpath_enabled")  # torch >= 2.3
+    advice = r"torch\.backends\.mha\.set_fastpath_enabled\(False\)" if switch else r"train\(\) mode"
+    with pytest.raises(
+        RuntimeError,
+        match=r"embedded the mini-batch of `anchors` rows 0:4 differently with grad \(pass 2\) than under no_grad "
+        r"\(pass 1\): a row moved by [\d.e+-]+ of its norm \(tolerance 3\.5e-04 for torch\.float32\).*"
+        r"transformer fast path.*" + advice,
+    ):
+        pt.cached_step(enc, a, p, neg, mini_batch_size=4, temperature=tau)
+    assert all(t.grad is None for t in [*enc.parameters(), tau])  # nothing written
+    if not switch:
+        return
+
+    # The advice works: without the fast path both passes embed alike, and the gradient is the full batch's.
+    with fastpath(False):
+        loss = pt.cached_step(enc, a, p, neg, mini_batch_size=4, temperature=tau)
+    flat = {key: v.flatten(0, 1) for key, v in neg.items()}  # (12, L)
+    want = pt.infonce(ref(**a), ref(**p), ref(**flat).view(6, 2, -1), temperature=tau_ref)
+    want.backward()
+    torch.testing.assert_close(loss, want.detach())
+    for got, expected in zip([*enc.parameters(), tau], [*ref.parameters(), tau_ref], strict=True):
+        torch.testing.assert_close(got.grad, expected.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+def test_transformer_fast_path_without_padding_is_within_tolerance() -> None:
+    # Without padding the fast path differs from the slow one by rounding only (~1e-7): no error, full-batch gradient.
+    g = torch.Generator().manual_seed(3)
+    a, p = (torch.randint(1, 30, (6, 7), generator=g) for _ in range(2))
+    ones = torch.ones(6, 7, dtype=torch.long)
+    enc, ref = PooledTransformer().eval(), PooledTransformer().eval()
+    with torch.no_grad():
+        fast = enc(a, ones)
+    assert 0 < (fast - enc(a, ones)).norm() / fast.norm() < 1e-5  # the fast path ran, with rounding differences
+    loss = pt.cached_step(
+        enc,
+        {"input_ids": a, "attention_mask": ones},
+        {"input_ids": p, "attention_mask": ones},
+        mini_batch_size=4,
+        in_batch=True,
+    )
+    want = pt.infonce(ref(a, ones), ref(p, ones), in_batch=True)
+    want.backward()
+    torch.testing.assert_close(loss, want.detach())
+    for got, expected in zip(enc.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, expected.grad, rtol=1e-4, atol=1e-6)
+
+
+class GradModeShift(nn.Module):
+    """The MLP, its output shifted by ``shift`` (relative to its norm) under no_grad in one-row mini-batches."""
+
+    def __init__(self, shift: float) -> None:
+        super().__init__()
+        self.inner, self.shift = make_encoder(), shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x)
+        if torch.is_grad_enabled() or x.shape[0] != 1:
+            return y  # type: ignore[no-any-return]
+        return y * (1 + self.shift)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(("shift", "raises"), [(1e-10, False), (1e-6, True), (float("nan"), True)])
+def test_float64_tolerance(shift: float, raises: bool) -> None:
+    # mini_batch_size=3 over N = 4: rows 3:4 of the anchors are the first one-row mini-batch. float64: 1.5e-08.
+    enc = GradModeShift(shift)
+    tau = tau_parameter(0.1)
+    if not raises:
+        pt.cached_step(enc, *good().values(), mini_batch_size=3, temperature=tau)
+        return
+    value = "nan" if shift != shift else r"1e-06"
+    with pytest.raises(
+        RuntimeError,
+        match=rf"mini-batch of `anchors` rows 3:4 differently .* moved by {value} of its norm \(tolerance 1\.5e-08 for "
+        r"torch\.float64\)",
+    ):
+        pt.cached_step(enc, *good().values(), mini_batch_size=3, temperature=tau)
+    assert all(t.grad is None for t in [*enc.parameters(), tau])
+
+
+# ---------------------------------------------------------------- module state, as one backward would leave it
+
+
+def make_bn_encoder() -> nn.Sequential:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(D_IN, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, D_OUT)).to(F64)
+
+
+def test_batchnorm_statistics_update_once_per_mini_batch() -> None:
+    data = make_data(n=8, k=2, m=3)  # 8 + 16 + 24 rows: 2 + 4 + 6 mini-batches of 4
+    a, p, n = data["anchors"], data["positives"], data["negatives"]
+    enc, ref = make_bn_encoder().train(), make_bn_encoder().train()
+
+    loss = pt.cached_step(enc, a, p, n, mini_batch_size=4, in_batch=True)
+    want = same_chunks(ref, a, p, n, 4, {"in_batch": True})
+
+    close(loss, want)
+    assert int(enc[1].num_batches_tracked) == int(ref[1].num_batches_tracked) == 12
+    for got, expected in zip(enc.buffers(), ref.buffers(), strict=True):
+        close(got.double(), expected.double())
+    for got, expected in zip(enc.parameters(), ref.parameters(), strict=True):
+        close(got.grad, expected.grad)
+
+
+class Decaying(nn.Module):
+    """The MLP's output times a gain that every call in train() decays: each forward reads the state it updates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = make_encoder()
+        self.register_buffer("gain", torch.ones((), dtype=F64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x) * self.gain.clone()  # the backward keeps the clone: the gain may change in place
+        if self.training:
+            self.gain.mul_(0.9)
+        return y  # type: ignore[no-any-return]
+
+
+def test_pass_2_replays_the_module_state_of_pass_1() -> None:
+    data = make_data(k=2)  # 7 + 14 + 21 rows: 3 + 5 + 7 mini-batches of 3
+    a, p, n = data["anchors"], data["positives"], data["negatives"]
+    enc, ref = Decaying().train(), Decaying().train()
+    gain = enc.gain
+
+    loss = pt.cached_step(enc, a, p, n, mini_batch_size=3, in_batch=True)
+    want = same_chunks(ref, a, p, n, 3, {"in_batch": True})
+
+    close(loss, want)
+    assert enc.gain is gain
+    close(enc.gain, ref.gain)
+    close(enc.gain, torch.tensor(0.9, dtype=F64) ** 15)
+    for got, expected in zip(enc.parameters(), ref.parameters(), strict=True):
+        close(got.grad, expected.grad)
+
+
+# ---------------------------------------------------------------- a step that raises writes nothing
+
+
+class ScaledDot(distances.DotProductSimilarity):
+    """A distance with a learnable scale: a ``loss_fn`` with a parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.5, dtype=F64))
+
+    def compute_mat(self, query_emb: torch.Tensor, ref_emb: torch.Tensor | None) -> torch.Tensor:
+        return super().compute_mat(query_emb, ref_emb) * self.scale  # type: ignore[no-any-return]
+
+
+class Failing(nn.Module):
+    """A BatchNorm MLP that raises at its ``at``-th call with grad (``grad=True``) or without."""
+
+    def __init__(self, grad: bool, at: int) -> None:
+        super().__init__()
+        self.inner, self.grad, self.at, self.calls = make_bn_encoder().train(), grad, at, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() == self.grad:
+            self.calls += 1
+            if self.calls == self.at:
+                raise RuntimeError("the encoder failed")
+        return self.inner(x)  # type: ignore[no-any-return]
+
+
+def loss_side(kind: str) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """Options whose loss has parameters, and those parameters."""
+    if kind == "temperature":  # criterion=None
+        tau = tau_parameter(0.2)
+        return {"temperature": tau, "in_batch": True}, [tau]
+    if kind == "loss_fn":
+        loss_fn = losses.NTXentLoss(temperature=0.2, distance=ScaledDot())
+        return {"loss_fn": loss_fn, "in_batch": True}, list(loss_fn.parameters())
+    criterion = pt.InfoNCE(learnable_temperature=True, loss_fn=losses.NTXentLoss(0.2, distance=ScaledDot()))
+    weight = tau_parameter(1.5)  # a parameter the criterion closes over
+
+    def weighted_criterion(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return criterion(*args, **kwargs) * weight
+
+    return {"criterion": weighted_criterion}, [*criterion.parameters(), weight]
+
+
+FAILURES = [  # 8 + 8 + 16 rows in mini-batches of 4: 8 calls in each pass
+    pytest.param(False, 2, id="pass1"),
+    pytest.param(True, 1, id="pass2-first"),
+    pytest.param(True, 4, id="pass2-middle"),
+    pytest.param(True, 8, id="pass2-last"),
+]
+
+
+@pytest.mark.parametrize("kind", ["module", "callable"])
+@pytest.mark.parametrize("side", ["temperature", "loss_fn", "criterion"])
+@pytest.mark.parametrize(("grad", "at"), FAILURES)
+def test_a_failing_step_writes_nothing(grad: bool, at: int, side: str, kind: str) -> None:
+    data = make_data(n=8, m=2)
+    enc = Failing(grad, at)
+    options, loss_params = loss_side(side)
+    tensors = [*enc.parameters(), *loss_params]
+    for i, t in enumerate(tensors):  # half of them hold a gradient already (accumulation), half none
+        t.grad = torch.full_like(t, 0.5) if i % 2 else None
+    before = [None if t.grad is None else t.grad.clone() for t in tensors]
+    buffers = [b.clone() for b in enc.buffers()]
+    encoder = enc if kind == "module" else lambda x: enc(x)  # a plain callable: its leaves found from its graph
+
+    with pytest.raises(RuntimeError, match=r"the encoder failed"):
+        pt.cached_step(encoder, data["anchors"], data["positives"], data["negatives"], mini_batch_size=4, **options)
+
+    assert enc.calls == at
+    for t, old in zip(tensors, before, strict=True):
+        assert (t.grad is None) if old is None else torch.equal(t.grad, old)
+    if kind == "module":  # BatchNorm's statistics as at the call
+        for got, expected in zip(enc.buffers(), buffers, strict=True):
+            assert torch.equal(got, expected)
 
 
 # ---------------------------------------------------------------- two gloo ranks, gathered candidates

@@ -15,7 +15,7 @@ import torch
 import pml_triplets as pt
 from pml_triplets import check
 
-CASES = {"plain", "mask", "K=3 positives", "shared negatives", "in-batch+ids+mask,K=2"}
+CASES = {"plain", "mask", "K=3 positives", "shared negatives", "in-batch+ids+mask,K=2", *check.RETRIEVAL}
 EXPECTED_DTYPES = {"float64", "float32", "float16", "bfloat16"}  # on every device, the CPU included
 
 
@@ -45,6 +45,7 @@ def test_clean_check_passes_every_row(clean_rows: list[check.Row]) -> None:
     for (device, dtype), rows in by_dtype(clean_rows).items():
         assert {r.case for r in rows} == CASES, (device, dtype)
         assert {r.method for r in rows if r.case == "in-batch+ids+mask,K=2"} == {"infonce", "infonce[pml]"}
+        assert {r.method for r in rows if r.case in check.RETRIEVAL} == {"infonce"}  # the dense engine's options
         recipe = {r.method for r in rows} >= {"NTXentLoss+build_indices"}
         assert recipe == (dtype in ("float32", "float64")), (device, dtype)
 
@@ -85,6 +86,14 @@ def first_positive_only(anchors: torch.Tensor, positives: torch.Tensor, *args: A
     return pt.infonce(anchors, positives[:, :1] if positives.ndim == 3 else positives, *args, **kwargs)
 
 
+def ignore_hardness(*args: Any, hardness_mode: Any = None, hardness_strength: Any = 0.0, **kwargs: Any) -> torch.Tensor:
+    return pt.infonce(*args, **kwargs)
+
+
+def ignore_guide(*args: Any, guide: Any = None, **kwargs: Any) -> torch.Tensor:
+    return pt.infonce(*args, **kwargs)  # filters with the model's own embeddings instead
+
+
 def doubled_gradients(*args: Any, **kwargs: Any) -> torch.Tensor:
     loss = pt.infonce(*args, **kwargs)
     return 2 * loss - loss.detach()  # the same value (exactly, in every dtype), twice the gradient
@@ -112,6 +121,8 @@ def test_doubled_gradients_wrapper_keeps_the_value(dtype: torch.dtype) -> None:
         pytest.param(ignore_mask, "mask", "value", id="mask-ignored"),
         pytest.param(ignore_in_batch, "in-batch+ids+mask,K=2", "value", id="in_batch-ignored"),
         pytest.param(first_positive_only, "K=3 positives", "value", id="first-of-K-positives"),
+        pytest.param(ignore_hardness, "gte+hardness+shared", "value", id="hardness-ignored"),
+        pytest.param(ignore_guide, "symmetric+guide,K=2", "value", id="guide-ignored"),
         pytest.param(doubled_gradients, None, "grad", id="gradients-doubled"),
         pytest.param(one_percent_off, None, "value", id="value-1%-off"),
     ],

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 import pml_triplets as pt
-from pml_triplets import check, demo
+from pml_triplets import check
 from pml_triplets.__main__ import main
+from pml_triplets_demo import cli as demo
+from pml_triplets_demo import training
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -87,7 +89,7 @@ def test_subcommands_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     assert main(["demo"]) == 7
     assert main(["check", "--n", "5"]) == 7
     assert (seen[0].epochs, seen[0].mode) == (3, "random")
-    assert (seen[1].epochs, seen[1].mode, seen[1].negatives) == (demo.EPOCHS, "hard", demo.NEGATIVES)
+    assert (seen[1].epochs, seen[1].mode, seen[1].negatives) == (training.EPOCHS, "hard", training.NEGATIVES)
     assert (seen[2].n, seen[2].m) == (5, 8)
 
 
@@ -125,11 +127,36 @@ def test_unknown_argument_shows_the_subcommand_usage(
     assert "COMMAND ..." not in err  # not the top-level usage
 
 
-def test_unknown_top_level_argument_shows_the_top_level_usage(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--bogus", "demo"]) == 2
+@pytest.mark.parametrize("argv", [["--bogus", "demo"], ["--bogus", "demo", "--epochs", "3"], ["--bogus", "check"]])
+def test_unknown_top_level_argument_shows_the_top_level_usage(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert err.startswith("usage: python -m pml_triplets [-h] [--version] COMMAND ...")
     assert err.endswith("python -m pml_triplets: error: unrecognized arguments: --bogus")
+
+
+@pytest.mark.parametrize("argv", [["--version", "demo"], ["-h", "demo", "--epochs", "3"]])
+def test_top_level_options_before_demo_are_the_top_levels(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(("pml_triplets ", "usage: python -m pml_triplets [-h] [--version] COMMAND ..."))
+
+
+def test_demo_not_installed(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An install without the example (an editable install made before it moved) says so, and how to fix it."""
+    for module in ("pml_triplets_demo", "pml_triplets_demo.cli"):
+        monkeypatch.setitem(sys.modules, module, None)  # what the import system reports for a missing module
+    assert main(["demo"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        "error: the demo's package, pml_triplets_demo, is not installed; reinstall pml-triplets "
+        '(from a clone: pip install -e ".[demo]")\n'
+    )
+    assert main(["check", "--help"]) == 0  # the library's own command needs no demo
+    assert capsys.readouterr().out.startswith("usage: python -m pml_triplets check ")
 
 
 def test_check_command_prints_table(capsys: pytest.CaptureFixture[str]) -> None:
@@ -158,3 +185,14 @@ def test_usage_names_the_console_script(monkeypatch: pytest.MonkeyPatch, capsys:
 def test_console_script() -> None:
     done = subprocess.run([str(SCRIPT), "--version"], capture_output=True, text=True, timeout=300)
     assert (done.returncode, done.stdout) == (0, f"pml_triplets {version('pml-triplets')}\n")
+
+
+@pytest.mark.slow  # a subprocess
+def test_demo_with_an_unwritable_out_fails_at_once(tmp_path: Path) -> None:
+    """Issue 19, item 10c: the real command, no training, one line naming --out (it used to train, then crash)."""
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "figures"
+    cmd = [sys.executable, "-m", "pml_triplets", "demo", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"error: --out {out}: cannot create the directory {out}: Not a directory\n"

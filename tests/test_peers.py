@@ -156,6 +156,10 @@ def test_multiple_negatives_ranking(dirs: tuple[str, ...], part: str, mode: str 
     # 1. the formula against sentence-transformers: validates the formula
     check("formula", loss_and_grads(lambda a, p, n: infonce_loop(a, p, n, TAU, **options), b, m), peer)
     # 2. pml_triplets against sentence-transformers (needs the lead's implementation of these options)
+    if options["hardness_mode"] == "own" and m == 0:  # a no-op that sentence-transformers warns about: raised here
+        with pytest.raises(ValueError, match="hardness_mode='own'"):
+            pt.infonce(b["a"], b["p"], None, temperature=TAU, **options)
+        return
     check("pt.infonce", loss_and_grads(lambda a, p, n: pt.infonce(a, p, n, temperature=TAU, **options), b, m), peer)
 
 

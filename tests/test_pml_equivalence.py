@@ -93,11 +93,10 @@ def test_configured_instance_equals_plain_pml(make, engine: str, k: int) -> None
 def test_auto_engine_choice() -> None:
     # every plain NTXentLoss is computed densely, whatever its distance; only a loss that overrides NTXentLoss's
     # own computation goes to PML
-    from pml_triplets._config import make_config
+    from pml_triplets._options import make_options
 
     def dense(loss_fn: NTXentLoss, engine: str = "auto") -> bool:
-        opts = dict(temperature=None, in_batch=False, chunk_size=None, gather=False)
-        return make_config(loss_fn=loss_fn, engine=engine, **opts).dense
+        return make_options(loss_fn=loss_fn, engine=engine).dense
 
     class Custom(NTXentLoss):
         def _compute_loss(self, *args):  # type: ignore[no-untyped-def]

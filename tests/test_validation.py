@@ -107,7 +107,7 @@ SHAPE_ERRORS = [
         id="neg-ids-alone",
     ),
     pytest.param({"chunk_size": 0}, r"`chunk_size` must be >= 1", id="chunk-zero"),
-    pytest.param({"chunk_size": -2}, r"`chunk_size` must be >= 0; got -2", id="chunk-negative"),
+    pytest.param({"chunk_size": -2}, r"`chunk_size` must be >= 1 or None \(automatic\); got -2", id="chunk-negative"),
     pytest.param({"engine": "fast"}, r"`engine` must be one of", id="engine"),
     pytest.param({"gather_across_devices": True}, r"`gather_across_devices=True` needs `in_batch=True`", id="gather"),
     pytest.param({"loss_fn": NTXentLoss(), "temperature": 0.1}, r"either `temperature` or `loss_fn`", id="both"),
@@ -199,10 +199,9 @@ def test_rejected_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:
     from pml_triplets import _engine
 
     def boom(*args: object, **kwargs: object) -> None:
-        raise AssertionError("evaluate ran on bad input")
+        raise AssertionError("the loss was laid out from bad input")
 
-    monkeypatch.setattr(_engine, "evaluate", boom)
-    monkeypatch.setattr("pml_triplets.loss.evaluate", boom)
+    monkeypatch.setattr(_engine, "_layout", boom)  # the first step after the checks
     with pytest.raises(ValueError, match="negatives"):
         call(negatives=torch.randn(N, D))
 

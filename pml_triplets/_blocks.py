@@ -1,0 +1,252 @@
+"""The dense engine's math: one chunk of anchors, its candidates as named blocks, each block to a log-sum-exp.
+
+Term (i, k) is ``-log(e^pos / (e^pos + Σ_c e^{logit(c)}))`` over the candidates of every block that enters its
+softmax. A block is a set of candidates with its logits, what it excludes, and the guide similarities the
+false-negative filter compares (sentence-transformers' named ``sim_matrices``, one per block):
+
+=========================  ===========  =====================================================================
+block                      logits       candidates
+=========================  ===========  =====================================================================
+``own``                    (C, M)       the anchor's own negatives, minus masked ones and id clashes
+``shared``                 (C, S)       every shared negative
+``in_batch``               (C, R)       every row's positives and negatives, minus the anchor's own row
+``anchor_to_anchor``       (C, T)       every other anchor
+``positive_to_anchor``     (C, K, T)    every other anchor, seen from the positive p_ik
+``positive_to_positive``   (C, K, R)    the other rows' candidates, seen from the positive p_ik
+=========================  ===========  =====================================================================
+
+:func:`block_lse` applies to any block, in order, hardness (by block kind), exclusion, the guide filter and the
+log-sum-exp; :func:`chunk_loss` combines the blocks per ``partition``. The logits are never concatenated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+from ._options import A2A, P2A, P2P, Options
+from ._validation import Temperature, is_compiling
+
+__all__: list[str] = []  # private module
+
+# Which blocks each hardness_mode weighs (anchor-to-positive blocks only).
+_HARDENED = {"own": ("own", "all"), "in_batch": ("in_batch", "all"), "shared": ("all",)}
+
+
+@dataclass(frozen=True)
+class Rows:
+    """One chunk of C anchors and what belongs to them; every field is split along dim 0."""
+
+    a: torch.Tensor  # (C, d)
+    p: torch.Tensor  # (C, K, d)
+    neg: torch.Tensor | None  # (C, M, d)
+    valid: torch.Tensor | None  # (C, M) the mask minus id clashes with the anchor's own positives
+    rows: torch.Tensor  # (C,) global row of each anchor (its index among every rank's rows)
+    own: torch.Tensor | None  # (C, K + M) pool columns of the anchor's own row (in-batch only)
+    pid: torch.Tensor | None  # (C, K)
+    ga: torch.Tensor | None  # (C, g) guide embeddings, unit rows, for false-negative filtering
+    gp: torch.Tensor | None  # (C, K, g)
+    gn: torch.Tensor | None  # (C, M, g)
+
+    def split(self, size: int) -> list[Rows]:
+        values = [getattr(self, f.name) for f in fields(self)]
+        count = -(-self.a.shape[0] // size)
+        parts = [[None] * count if v is None else torch.split(v, size) for v in values]
+        return [Rows(*chunk) for chunk in zip(*parts, strict=True)]
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every chunk compares with: shared negatives, the in-batch pool, every anchor; and their guides."""
+
+    shared: torch.Tensor | None  # (S, d)
+    g_shared: torch.Tensor | None  # (S, g)
+    pool: torch.Tensor | None = None  # (R, d): every row's K positives, then every row's M negatives (R = T*(K + M))
+    pool_excluded: torch.Tensor | None = None  # (R,) negatives no anchor may use (masked, or clashing everywhere)
+    pool_ids: torch.Tensor | None = None  # (R,) item ids (below every positive id for negatives without)
+    g_pool: torch.Tensor | None = None  # (R, g)
+    anchors: torch.Tensor | None = None  # (T, d) every row's anchor, for the directions that contrast anchors
+    g_anchors: torch.Tensor | None = None  # (T, g)
+
+
+@dataclass(frozen=True)
+class Block:
+    """Candidates of a chunk's terms: logits, which ones are not candidates, and their guide similarities."""
+
+    logits: torch.Tensor  # (C, X), the same for every positive k, or (C, K, X)
+    own: torch.Tensor | None  # (C, J) or (C, K, J): columns of the anchor's own row, never its candidates here
+    excluded: torch.Tensor | None  # bool, broadcastable to the logits
+    guide: torch.Tensor | None  # (C, X) or (C, K, X): guide cosine of the block's query with each candidate
+
+
+def chunk_loss(opts: Options, k: int, tau: Temperature, r: Rows, ctx: Context) -> torch.Tensor:
+    """The (C*K,) losses of one chunk's terms, anchor-major."""
+    sim = opts.similarity
+    fill = torch.finfo(r.a.dtype).min  # finite: an anchor with no negatives gets loss 0 and zero (not NaN) grads
+    # With a linear similarity, 1/τ is folded into the queries: (C, d) divisions instead of one per logit.
+    qa, qp, scale = (r.a / tau, r.p / tau, None) if sim.linear else (r.a, r.p, tau)
+
+    def logits(s: torch.Tensor) -> torch.Tensor:
+        return s if scale is None else s / scale
+
+    if ctx.pool is not None and k == 1 and opts.plain and ctx.pool_ids is None and ctx.shared is None:
+        return _plain_in_batch(logits(sim.block(qa, ctx.pool)), r, ctx, fill)
+    pos = logits(sim.rows(qa, r.p))  # (C, K)
+    cand = None if ctx.pool is None else logits(sim.block(qa, ctx.pool))  # (C, R) the in-batch block's logits
+    strength, tau_value = opts.hardness_strength, tau.detach() if isinstance(tau, torch.Tensor) else tau
+    limit, g_in_batch = _guides(opts, k, r, ctx, pos, cand, tau_value)
+    lses: dict[str, torch.Tensor] = {}  # block -> (C, K) or (C, 1) log-sum-exp of its candidates
+    for name, block in _blocks(opts, logits, qa, qp, r, ctx, cand, g_in_batch):
+        hard = opts.hardness_mode in _HARDENED.get(name, ())
+        lses[name] = block_lse(block, limit, strength * tau_value if hard else None, fill)
+    a2p = [lses.pop(name) for name in ("own", "shared", "in_batch") if name in lses]
+    if opts.partition == "per_direction":  # one softmax per direction, each holding the positive once, averaged
+        parts = [_combine(a2p, pos, fill), *([lses[P2A]] if P2A in lses else [])]
+        return torch.stack([_nll(pos, lse) for lse in parts]).mean(0).reshape(-1)
+    extra = [pos] if P2A in lses else []  # positive_to_anchor holds the positive pair a second time
+    return _nll(pos, _combine([*a2p, *lses.values(), *extra], pos, fill)).reshape(-1)
+
+
+def block_lse(block: Block, limit: torch.Tensor | None, hardness: Temperature | None, fill: float) -> torch.Tensor:
+    """(C, K) or (C, 1) log-sum-exp of a block's candidates, after hardness, exclusion and the guide filter.
+
+    ``hardness``: ``strength * τ`` when the block is weighed: ``logit + strength * s(q, c).detach()``, where
+    ``s = logit * τ``. ``limit`` (C, K): a candidate whose guide similarity exceeds it is dropped for term k.
+    """
+    x, drop = block.logits, block.excluded
+    if hardness is not None:
+        x = x + hardness * x.detach()
+    # In place where that is free: nothing saved the logits (the similarity's matmul saves its inputs, a
+    # division by τ its operands), and a view would make autograd copy its whole base back (CopySlices).
+    in_place = not is_compiling() and not x._is_view()  # (the compiler decides for itself)
+    if block.own is not None:  # C*J writes, not a pass over the block
+        x = x.scatter_(-1, block.own, fill) if in_place else x.scatter(-1, block.own, fill)
+        in_place = True
+    if limit is not None and block.guide is not None:
+        g = block.guide if block.guide.ndim == 3 else block.guide[:, None, :]  # (C, K or 1, X)
+        over = g > limit[..., None]  # (C, K, X)
+        drop = over if drop is None else over | (drop if drop.ndim == 3 else drop[:, None, :])
+        if x.ndim == 2:
+            x, in_place = x[:, None, :], False  # (C, 1, X)
+    if drop is not None:
+        x = x.masked_fill_(drop, fill) if in_place and drop.shape == x.shape else x.masked_fill(drop, fill)
+    lse = torch.logsumexp(x, dim=-1)
+    return lse if lse.ndim == 2 else lse[:, None]
+
+
+def _blocks(
+    opts: Options,
+    logits: Callable[[torch.Tensor], torch.Tensor],
+    qa: torch.Tensor,
+    qp: torch.Tensor,
+    r: Rows,
+    ctx: Context,
+    cand: torch.Tensor | None,
+    g_in_batch: torch.Tensor | None,
+) -> Iterator[tuple[str, Block]]:
+    """The chunk's candidate blocks, built one at a time (each is reduced before the next one exists)."""
+    sim, k = opts.similarity, r.p.shape[1]
+    own_guide = opts.false_negative_margin is not None and r.ga is None  # the guide's cosines are the logits
+
+    def block(x: torch.Tensor, own: torch.Tensor | None, excluded: torch.Tensor | None, g: torch.Tensor | None
+              ) -> Block:  # fmt: skip
+        return Block(x, own, excluded, x.detach() if own_guide else g)
+
+    if r.neg is not None:
+        g = None if r.gn is None or r.ga is None else torch.bmm(r.gn, r.ga[:, :, None]).squeeze(-1)  # (C, M)
+        yield "own", block(logits(sim.rows(qa, r.neg)), None, None if r.valid is None else ~r.valid, g)
+    if ctx.shared is not None:
+        g = None if ctx.g_shared is None or r.ga is None else r.ga @ ctx.g_shared.T  # (C, S)
+        yield "shared", block(logits(sim.block(qa, ctx.shared)), None, None, g)
+    if ctx.pool is not None and cand is not None and r.own is not None:
+        excluded = pool_excluded(r, ctx, own_row=False)  # (C, R) or None
+        yield "in_batch", Block(cand, r.own, excluded, g_in_batch)
+        if P2P in opts.directions:
+            g = None if ctx.g_pool is None or r.gp is None else r.gp @ ctx.g_pool.T  # (C, K, R)
+            pp = logits(sim.block(qp.flatten(0, 1), ctx.pool)).unflatten(0, (-1, k))  # (C, K, R)
+            own = r.own[:, None, :].expand(-1, k, -1)  # (C, K, K + M)
+            yield P2P, block(pp, own, None if excluded is None else excluded[:, None, :], g)
+    if ctx.anchors is not None:
+        if A2A in opts.directions:
+            g = None if ctx.g_anchors is None or r.ga is None else r.ga @ ctx.g_anchors.T  # (C, T)
+            yield A2A, block(logits(sim.block(qa, ctx.anchors)), r.rows[:, None], None, g)
+        if P2A in opts.directions:  # its own anchor is the positive pair: counted apart
+            g = None if ctx.g_anchors is None or r.gp is None else r.gp @ ctx.g_anchors.T  # (C, K, T)
+            pa = logits(sim.block(qp.flatten(0, 1), ctx.anchors)).unflatten(0, (-1, k))  # (C, K, T)
+            yield P2A, block(pa, r.rows[:, None, None].expand(-1, k, 1), None, g)
+
+
+def pool_excluded(r: Rows, ctx: Context, own_row: bool = True) -> torch.Tensor | None:
+    """(C, R) bool: which pool candidates are not the anchor's in-batch negatives, or None for none.
+
+    Masked negatives, candidates with the id of one of its positives, and (``own_row``) its own row: its
+    positives are numerators, its negatives its own block.
+    """
+    out = None if ctx.pool_excluded is None else ctx.pool_excluded[None, :].expand(r.rows.shape[0], -1)
+    if ctx.pool_ids is not None and r.pid is not None:
+        clash = (ctx.pool_ids[None, :, None] == r.pid[:, None, :]).any(-1)  # (C, R)
+        out = clash if out is None else out | clash
+    if own_row and ctx.pool is not None and r.own is not None:
+        mine = torch.zeros(r.rows.shape[0], ctx.pool.shape[0], dtype=torch.bool, device=r.rows.device)
+        out = mine.scatter_(1, r.own, True) if out is None else out.scatter(1, r.own, True)
+    return out
+
+
+def _guides(
+    opts: Options,
+    k: int,
+    r: Rows,
+    ctx: Context,
+    pos: torch.Tensor,
+    cand: torch.Tensor | None,
+    tau: Temperature,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The false-negative filter's (C, K) limits and the in-batch block's (C, R) guide similarities.
+
+    A candidate of term (i, k) whose guide similarity exceeds ``limit[i, k]`` is dropped; both are None without
+    filtering. Without a guide (``r.ga`` None: the model's own cosines), the logits ``cos / τ`` are the guide
+    similarities and the limit is in their units. The positive's similarity is read from the in-batch block, where
+    the positives are columns: the same products as every candidate's, so a tie stays a tie.
+    """
+    if opts.false_negative_margin is None:
+        return None, None
+    margin: Temperature = opts.false_negative_margin
+    if r.ga is None:
+        g_in_batch, g_pos, margin = None if cand is None else cand.detach(), pos.detach(), margin / tau
+    else:
+        assert r.gp is not None
+        g_in_batch = None if ctx.g_pool is None else r.ga @ ctx.g_pool.T  # (C, R)
+        g_pos = torch.bmm(r.gp, r.ga[:, :, None]).squeeze(-1)  # (C, K)
+    if g_in_batch is not None:
+        g_pos = g_in_batch.gather(1, r.rows[:, None] * k + torch.arange(k, device=r.rows.device))  # (C, K)
+    absolute = opts.margin_strategy == "absolute"
+    return g_pos - (margin if absolute else g_pos.abs() * opts.false_negative_margin), g_in_batch
+
+
+def _plain_in_batch(cand: torch.Tensor, r: Rows, ctx: Context, fill: float) -> torch.Tensor:
+    """K = 1 in-batch InfoNCE as one cross-entropy over the pool (C, R), the positive in its own column.
+
+    log_softmax's fused backward keeps one (C, R) tensor fewer alive than log-sum-exp minus the positive; the
+    anchor's own negatives are pool columns like the others'.
+    """
+    if ctx.pool_excluded is not None:
+        cand.masked_fill_(ctx.pool_excluded, fill)  # in place: the matmul did not save its output
+    return F.cross_entropy(cand, r.rows, reduction="none")  # (C,): row i's positive is pool column i when K = 1
+
+
+def _combine(lses: list[torch.Tensor], pos: torch.Tensor, fill: float) -> torch.Tensor:
+    """(C, K) log-sum-exp across blocks, each (C, K) or (C, 1); ``fill`` when there is none."""
+    if not lses:
+        return torch.full_like(pos, fill)
+    if len(lses) == 1:
+        return lses[0]
+    return torch.logsumexp(torch.stack(torch.broadcast_tensors(*lses), dim=-1), dim=-1)
+
+
+def _nll(pos: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    # -log(e^pos / (e^pos + Σ e^neg)) = softplus(lse(neg) - pos): exact, no overflow, no tiny added. threshold=40:
+    # above it softplus returns x alone, dropping log1p(e^-x) < 5e-18 (below float64's resolution).
+    return F.softplus(lse - pos, threshold=40.0)

@@ -1,0 +1,280 @@
+"""Every option of the loss, spelled once: name, type (a ``Literal`` for a choice), default and description.
+
+``infonce``, ``InfoNCE``, ``cached_step`` and ``reference_infonce`` take these options; their signatures read the
+defaults from :data:`DEFAULT`, their docstrings list them from :func:`document`, ``InfoNCE``'s ``repr`` prints the
+ones that differ from it, and :func:`make_options` checks them all -- from Python values and object types only,
+never a tensor's value, so it costs microseconds and traces cleanly under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import numbers
+import textwrap
+import typing
+from dataclasses import dataclass, fields, replace
+from typing import Literal
+
+import torch
+from pytorch_metric_learning.losses import CrossBatchMemory, NTXentLoss
+from pytorch_metric_learning.reducers import DoNothingReducer, MeanReducer
+
+from ._similarity import Similarity
+from ._validation import Temperature, check_temperature
+
+__all__: list[str] = []  # private module
+
+Engine = Literal["auto", "dense", "pml"]
+Direction = Literal["anchor_to_positive", "positive_to_anchor", "anchor_to_anchor", "positive_to_positive"]
+Partition = Literal["joint", "per_direction"]
+HardnessMode = Literal["in_batch", "own", "all"] | None
+MarginStrategy = Literal["absolute", "relative"]
+Reduction = Literal["mean", "none", "pml"]
+A2P, P2A, A2A, P2P = typing.get_args(Direction)
+DEFAULT_TEMPERATURE = 0.07
+
+
+@dataclass(frozen=True)
+class Options:
+    """One checked configuration: each option's name, type and default; ``DOCS`` below describes each."""
+
+    temperature: Temperature | None = None
+    loss_fn: NTXentLoss | None = None
+    in_batch: bool = False
+    chunk_size: int | None = None
+    engine: Engine = "auto"
+    gather_across_devices: bool = False
+    directions: tuple[Direction, ...] = (A2P,)
+    partition: Partition = "joint"
+    hardness_mode: HardnessMode = None
+    hardness_strength: float = 0.0
+    false_negative_margin: float | None = None
+    margin_strategy: MarginStrategy = "absolute"
+
+    @property
+    def dense(self) -> bool:
+        """Whether the dense engine computes the loss (``loss_fn`` computes NTXentLoss's own loss)."""
+        return self.engine != "pml" and (self.loss_fn is None or plain_ntxent(self.loss_fn))
+
+    @property
+    def similarity(self) -> Similarity:
+        return Similarity.of(None if self.loss_fn is None else self.loss_fn.distance)
+
+    @property
+    def reduction(self) -> Reduction:
+        """How to reduce: a plain MeanReducer without regularizer ("mean"), DoNothingReducer, or PML's objects."""
+        if self.loss_fn is None:
+            return "mean"
+        reducer, regularizer = self.loss_fn.reducer, self.loss_fn.embedding_regularizer
+        if isinstance(reducer, DoNothingReducer):
+            return "none"
+        return "mean" if type(reducer) is MeanReducer and regularizer is None else "pml"
+
+    @property
+    def plain(self) -> bool:
+        """Anchor-to-positive only, no hardness, no filtering (checked options: a strength needs a mode)."""
+        return (
+            self.directions == (A2P,)
+            and self.partition == "joint"
+            and self.hardness_mode is None
+            and self.false_negative_margin is None
+        )
+
+    def changed(self) -> dict[str, object]:
+        """The options that differ from their defaults, by name."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if getattr(self, f.name) is not f.default and not _same(getattr(self, f.name), f.default)
+        }
+
+
+DEFAULT = Options()
+
+
+DOCS = {  # the entry points' docstrings list these (see document)
+    "temperature": f"""float, 0-d tensor or ``nn.Parameter`` (its gradient is computed). ``None`` means
+        {DEFAULT_TEMPERATURE}, or ``loss_fn.temperature`` when ``loss_fn`` is given (read, and checked, at every call:
+        a schedule that sets it is honoured). Passing both is an error.""",
+    "loss_fn": """a configured ``NTXentLoss``: its distance, temperature, reducer and embedding regularizer apply
+        as PML applies them to the same pairs.""",
+    "in_batch": "also use every other row's positives and unmasked negatives as negatives.",
+    "chunk_size": """anchors evaluated at a time; ``None`` picks it from the sizes and the device so that the
+        largest intermediate stays under a budget. The value does not depend on it.""",
+    "engine": """``"dense"`` computes each anchor's logits from the distance and temperature (linear in the pairs,
+        uncapped); ``"pml"`` calls ``loss_fn.compute_loss`` on each chunk's pairs and returns PML's own numbers,
+        including its ``log(num/den + tiny)`` cap (quadratic in the chunk). ``"auto"`` is ``"dense"`` for every
+        ``NTXentLoss`` that computes NTXentLoss's own loss, whatever its distance, and ``"pml"`` for subclasses
+        that override ``compute_loss`` or ``_compute_loss``.""",
+    "gather_across_devices": """with ``in_batch`` under ``torch.distributed``, take every rank's positives and
+        negatives (and masks and ids) as candidates, gathered with gradient. Ranks may hold different N; they must
+        agree on everything else (checked: every rank raises).""",
+    "directions": """the softmax blocks of term (i, k): ``"anchor_to_positive"`` (always) and any of
+        ``"positive_to_anchor"`` (``s(a_j, p_ik)`` for every row j), ``"anchor_to_anchor"`` (``s(a_i, a_j)``,
+        j != i) and ``"positive_to_positive"`` (``s(p_ik, c)`` for the other rows' candidates); all but the first
+        need ``in_batch``. As in sentence-transformers' MultipleNegativesRankingLoss.""",
+    "partition": """``"joint"``: one softmax over every block; ``"per_direction"``: the mean over directions of one
+        softmax each (anchor_to_positive and positive_to_anchor only).""",
+    "hardness_mode": """``"in_batch"`` (other rows' candidates), ``"own"`` (the anchor's negatives) or ``"all"``
+        (both, and the shared negatives): those anchor-to-positive logits get
+        ``+ hardness_strength * s(a_i, c).detach()`` after the division by τ.""",
+    "hardness_strength": "> 0 with a ``hardness_mode``, 0 without.",
+    "false_negative_margin": """drop candidate c of term (i, k) when ``g(x, c) > g(a_i, p_ik) - margin``, with x
+        the block's anchor or positive and g the cosine of ``guide``'s embeddings (of the model's own, detached,
+        when ``guide`` is None); the positive pair is never dropped.""",
+    "margin_strategy": """``"absolute"`` as above, or ``"relative"``: ``g(a_i, p_ik) - |g(a_i, p_ik)| * margin``;
+        needs ``false_negative_margin``.""",
+}
+NAMES = tuple(f.name for f in fields(Options))
+
+
+def _same(a: object, b: object) -> bool:
+    return not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b
+
+
+def document() -> str:
+    """The options as a Google-style ``Args:`` list (8-space indent), for the entry points' docstrings."""
+    return "\n".join(
+        textwrap.fill(
+            f"{name}: {' '.join(DOCS[name].split())}", 116, initial_indent=" " * 8, subsequent_indent=" " * 12
+        )
+        for name in NAMES
+    )
+
+
+def plain_ntxent(loss_fn: NTXentLoss) -> bool:
+    """Whether ``loss_fn`` computes NTXentLoss's own loss (a subclass that only configures it counts)."""
+    cls = type(loss_fn)
+    return cls._compute_loss is NTXentLoss._compute_loss and cls.compute_loss is NTXentLoss.compute_loss
+
+
+def _allowed(hint: object) -> tuple[object, ...]:
+    """The values of a ``Literal[...]`` or ``Literal[...] | None`` annotation."""
+    args = typing.get_args(hint) if typing.get_origin(hint) is not Literal else (hint,)
+    return tuple(None if a is type(None) else v for a in args for v in (typing.get_args(a) or (a,)))
+
+
+CHOICES = {
+    name: _allowed(typing.get_type_hints(Options)[name])
+    for name in ("engine", "partition", "hardness_mode", "margin_strategy")
+}
+
+
+def _choice(name: str, value: object) -> None:
+    if not any(value is a or (value == a and type(value) is type(a)) for a in CHOICES[name]):
+        raise ValueError(f"`{name}` must be one of {CHOICES[name]}; got {value!r}")
+
+
+def _real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a float; got {type(value).__name__}")
+    if not value - value == 0:  # not math.isfinite: it also takes a float that torch.compile traces (a schedule)
+        raise ValueError(f"`{name}` must be finite; got {value}")
+    return value  # type: ignore[return-value]
+
+
+def make_options(**given: object) -> Options:
+    """Check every option (unknown names included) and return them normalized; raises naming the argument."""
+    unknown = sorted(set(given) - set(NAMES))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown}; the options are {NAMES}")
+    opts = replace(DEFAULT, **given)  # type: ignore[arg-type]
+    _check_engine(opts)
+    if opts.temperature is not None:  # numpy and Fraction scalars become floats
+        opts = replace(opts, temperature=check_temperature(opts.temperature))
+    for name in ("in_batch", "gather_across_devices"):
+        if not isinstance(getattr(opts, name), bool):
+            raise TypeError(f"`{name}` must be a bool; got {type(getattr(opts, name)).__name__}")
+    if opts.gather_across_devices and not opts.in_batch:
+        raise ValueError(
+            "`gather_across_devices=True` needs `in_batch=True`: per-anchor and shared negatives need no gathering"
+        )
+    if opts.chunk_size is not None:
+        if isinstance(opts.chunk_size, bool) or not isinstance(opts.chunk_size, numbers.Integral):
+            raise TypeError(f"`chunk_size` must be an int or None; got {type(opts.chunk_size).__name__}")
+        if opts.chunk_size < 1:
+            raise ValueError(f"`chunk_size` must be >= 1 or None (automatic); got {opts.chunk_size}")
+        opts = replace(opts, chunk_size=int(opts.chunk_size))
+    for name in ("engine", "partition", "hardness_mode", "margin_strategy"):
+        _choice(name, getattr(opts, name))
+    opts = replace(opts, directions=_directions(opts))
+    _check_hardness_and_margin(opts)
+    if not opts.plain and not opts.dense:
+        who = "no loss_fn" if opts.loss_fn is None else f"loss_fn={type(opts.loss_fn).__name__}"
+        raise ValueError(
+            "`directions`, `partition`, `hardness_mode` and `false_negative_margin` are computed by the dense "
+            f"engine only; got engine={opts.engine!r} with {who}"
+        )
+    return opts
+
+
+def _check_engine(opts: Options) -> None:
+    loss_fn = opts.loss_fn
+    if isinstance(loss_fn, CrossBatchMemory):
+        raise TypeError(
+            "`loss_fn` must be a pytorch_metric_learning NTXentLoss; got CrossBatchMemory. Pass its two parts: the "
+            "memory bank of negatives as `shared_negatives=` (an [S, d] tensor, e.g. shared_negatives=queue) and the "
+            f"loss inside it as `loss_fn=` (loss_fn=xbm.loss, here a {type(loss_fn.loss).__name__})"
+        )
+    if loss_fn is not None and not isinstance(loss_fn, NTXentLoss):
+        raise TypeError(f"`loss_fn` must be a pytorch_metric_learning NTXentLoss; got {type(loss_fn).__name__}")
+    if loss_fn is not None and opts.temperature is not None:
+        raise ValueError(
+            "pass either `temperature` or `loss_fn` (whose temperature is used), not both; got "
+            f"temperature={opts.temperature!r} and "
+            f"loss_fn={type(loss_fn).__name__}(temperature={loss_fn.temperature!r})"
+        )
+    if loss_fn is not None:
+        check_temperature(loss_fn.temperature)
+    if opts.engine == "dense" and loss_fn is not None and not plain_ntxent(loss_fn):
+        raise ValueError(
+            f"`engine='dense'` computes NTXentLoss's own loss; {type(loss_fn).__name__} overrides it "
+            "(use engine='auto' or 'pml')"
+        )
+    if loss_fn is not None and isinstance(loss_fn.reducer, DoNothingReducer) and loss_fn.embedding_regularizer:
+        raise ValueError(
+            "`loss_fn` has a DoNothingReducer (per-pair losses) and an embedding_regularizer, whose term "
+            "cannot be added to per-pair losses: drop one of them, or use another reducer"
+        )
+
+
+def _directions(opts: Options) -> tuple[Direction, ...]:
+    directions = opts.directions
+    if isinstance(directions, str) or not isinstance(directions, tuple | list):
+        raise TypeError(f"`directions` must be a tuple of names from {typing.get_args(Direction)}; got {directions!r}")
+    unknown = [d for d in directions if d not in typing.get_args(Direction)]
+    if unknown:
+        raise ValueError(f"`directions` may hold only {typing.get_args(Direction)}; got unknown {unknown}")
+    if A2P not in directions:
+        raise ValueError(f"`directions` must contain {A2P!r} (it holds the positive pair); got {tuple(directions)}")
+    if len(set(directions)) != len(directions):
+        raise ValueError(f"`directions` must not repeat a direction; got {tuple(directions)}")
+    others = [d for d in directions if d != A2P]
+    if others and not opts.in_batch:
+        raise ValueError(f"`directions` {others} draw their candidates from the batch: they need `in_batch=True`")
+    if opts.partition == "per_direction" and {A2A, P2P} & set(directions):
+        raise ValueError(
+            "`partition='per_direction'` needs the positive pair in every direction's softmax, and "
+            f"{A2A!r} and {P2P!r} do not contain it (each would be a softmax without its target): "
+            "use partition='joint'"
+        )
+    order = typing.get_args(Direction)
+    return tuple(sorted(directions, key=order.index))
+
+
+def _check_hardness_and_margin(opts: Options) -> None:
+    strength, mode = _real("hardness_strength", opts.hardness_strength), opts.hardness_mode
+    if strength < 0:
+        raise ValueError(f"`hardness_strength` must be >= 0; got {strength}")
+    if mode is not None and strength == 0:
+        raise ValueError(f"`hardness_mode={mode!r}` does nothing with `hardness_strength=0`: pass a strength > 0")
+    if mode is None and strength != 0:
+        raise ValueError(
+            f"`hardness_strength={strength}` does nothing without `hardness_mode`: pass one of "
+            f"{CHOICES['hardness_mode'][:-1]}"
+        )
+    if mode == "in_batch" and not opts.in_batch:
+        raise ValueError("`hardness_mode='in_batch'` weighs other rows' candidates: it needs `in_batch=True`")
+    if opts.false_negative_margin is not None:
+        _real("false_negative_margin", opts.false_negative_margin)
+    elif opts.margin_strategy != DEFAULT.margin_strategy:
+        raise ValueError(f"`margin_strategy={opts.margin_strategy!r}` does nothing without `false_negative_margin`")

@@ -196,13 +196,7 @@ def pool_excluded(r: Rows, ctx: Context, own_row: bool = True) -> torch.Tensor |
 
 
 def _guides(
-    opts: Options,
-    k: int,
-    r: Rows,
-    ctx: Context,
-    pos: torch.Tensor,
-    cand: torch.Tensor | None,
-    tau: Temperature,
+    opts: Options, k: int, r: Rows, ctx: Context, pos: torch.Tensor, cand: torch.Tensor | None, tau: Temperature
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The false-negative filter's (C, K) limits and the in-batch block's (C, R) guide similarities.
 

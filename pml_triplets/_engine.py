@@ -27,7 +27,7 @@ from . import _distributed
 from ._blocks import Context, Rows, chunk_loss, pool_excluded
 from ._options import A2A, P2A, P2P, Options
 from ._reduce import check_reducer, reduce
-from ._validation import Batch, Guide, Spec, Temperature, autocast_enabled, is_compiling, prepare, transformed
+from ._validation import Batch, Data, Spec, Temperature, autocast_enabled, is_compiling, prepare, transformed
 
 __all__: list[str] = []  # private module
 
@@ -38,21 +38,9 @@ _GATHERED: tuple[str, ...] = ("positives", "negatives", "negatives_mask", "posit
 _GATHERED += ("guide[0]", "guide[1]", "guide[2]")
 
 
-def evaluate(
-    opts: Options,
-    tau: Temperature,
-    anchors: torch.Tensor,
-    positives: torch.Tensor,
-    negatives: torch.Tensor | None,
-    negatives_mask: torch.Tensor | None,
-    shared_negatives: torch.Tensor | None,
-    positive_ids: torch.Tensor | None,
-    negative_ids: torch.Tensor | None,
-    guide: Guide | None,
-) -> torch.Tensor:
+def evaluate(opts: Options, tau: Temperature, data: Data) -> torch.Tensor:
     """The loss of one call: validated, computed chunk by chunk, reduced; in the inputs' dtype."""
-    data = (anchors, positives, negatives, negatives_mask, shared_negatives, positive_ids, negative_ids, guide)
-    batch = prepare(*data, opts.in_batch, opts.false_negative_margin is not None, opts.hardness_mode)
+    batch = prepare(data, opts.in_batch, opts.false_negative_margin is not None, opts.hardness_mode)
     spec = batch.spec
     check_reducer(opts, spec.n, spec.k)
     with torch.autocast(spec.device.type, enabled=False) if autocast_enabled(spec.device.type) else _nothing():
@@ -148,33 +136,29 @@ def auto_chunk(opts: Options, spec: Spec, ctx: Context) -> int:
 
 def _layout(opts: Options, batch: Batch) -> tuple[Rows, Context]:
     """The chunkable rows and what every chunk compares with, normalized as the distance would normalize them."""
-    spec, a, p, neg, mask, pid, nid = batch.spec, batch.a, batch.p, batch.neg, batch.mask, batch.pid, batch.nid
-    guide = batch.guide
+    spec, a, p, neg, pid, nid = batch.spec, batch.a, batch.p, batch.neg, batch.pid, batch.nid
     # Without a guide, the model's own cosines: the dense engine's logits themselves when it computes cosines (no
     # guide tensors then), else the detached unit embeddings.
-    unit_guide = opts.false_negative_margin is not None and guide is None and not opts.similarity.cosine
-    if unit_guide:
-        guide = (_unit(a), _unit(p), None if neg is None else _unit(neg))
-    ga, gp, gn = (None, None, None) if guide is None else guide
-    g_shared = None if not unit_guide or batch.shared is None else _unit(batch.shared)
+    unit = opts.false_negative_margin is not None and batch.guide is None and not opts.similarity.cosine
+    ga, gp, gn = (_unit(a), _unit(p), _unit(neg)) if unit else batch.guide or (None, None, None)
     with_anchors = opts.in_batch and (A2A in opts.directions or P2A in opts.directions)
-    offset, total, everyone = 0, spec.n, [p, neg, mask, pid, nid, a if with_anchors else None, ga, gp, gn]
+    everyone, offset, total = [p, neg, batch.mask, pid, nid, a if with_anchors else None, ga, gp, gn], 0, spec.n
     if opts.gather_across_devices and _distributed.world()[1] > 1:
-        gathered, offset, total = _distributed.gather_rows(everyone, spec.n, names=_GATHERED)
-        everyone = list(gathered)
+        everyone, offset, total = _distributed.gather_rows(everyone, spec.n, names=_GATHERED)
     unused = _unused(everyone[2], everyone[3], everyone[4], opts.in_batch)  # (T, M) no anchor may use them
-    valid = mask
+    if unused is not None and everyone[1] is not None:  # whatever they hold (inf, NaN) reaches no loss, no gradient
+        everyone[1] = torch.where(unused[..., None], everyone[1].new_zeros(()), everyone[1])
+    valid = batch.mask
     if nid is not None and pid is not None:
         clash = (nid[:, :, None] == pid[:, None, :]).any(-1)  # (N, M) the same item as one of its own positives
         valid = ~clash if valid is None else valid & ~clash
     rows = torch.arange(spec.n, device=spec.device) + offset  # (N,) global rows
     norm = partial(_normalize, opts, spec)
-    ctx = Context(None if batch.shared is None else norm(batch.shared), g_shared)
+    ctx = Context(None if batch.shared is None else norm(batch.shared), _unit(batch.shared) if unit else None)
     if not opts.in_batch:
-        if neg is not None and unused is not None:  # whatever they hold (inf, NaN) reaches no loss, no gradient
-            neg = torch.where(unused[..., None], neg.new_zeros(()), neg)
-        return Rows(norm(a), norm(p), None if neg is None else norm(neg), valid, rows, None, pid, ga, gp, gn), ctx
-    ctx = _pool(everyone, unused, total, spec, ctx, norm)
+        neg = None if everyone[1] is None else norm(everyone[1])
+        return Rows(norm(a), norm(p), neg, valid, rows, None, pid, ga, gp, gn), ctx
+    ctx = _pool(everyone, unused, total, spec, norm, ctx)
     assert ctx.pool is not None
     # This rank's rows are in the pool already normalized (and gathered): take them from it.
     k, m, d = spec.k, spec.m, spec.d
@@ -220,41 +204,33 @@ def _pool(
     unused: torch.Tensor | None,
     total: int,
     spec: Spec,
-    base: Context,
     norm: Callable[[torch.Tensor], torch.Tensor],
+    base: Context,
 ) -> Context:
-    """``base`` with the in-batch pool over all T rows: embeddings, rows, exclusions, ids, guides; the anchors."""
+    """``base`` with the in-batch pool over all T rows (embeddings, exclusions, ids, guides) and the anchors."""
     p, neg, _, pid, nid, anchors, ga, gp, gn = everyone
     assert p is not None
-    k, m, d = spec.k, spec.m, spec.d
+    k, d = spec.k, spec.d
     # Normalized before the concatenation, which saves nothing for the backward (normalize saves its input).
-    emb = norm(p.reshape(-1, d))  # (T*K, d)
-    excluded = ids = None
-    if neg is not None:
-        if unused is not None:
-            neg = torch.where(unused[..., None], neg.new_zeros(()), neg)
-            excluded = torch.cat([unused.new_zeros(total * k), unused.reshape(-1)])  # (R,)
-        emb = torch.cat([emb, norm(neg.reshape(-1, d))])  # (T*(K+M), d)
+    emb = [norm(x.reshape(-1, d)) for x in (p, neg) if x is not None]  # R = T*(K + M) rows
+    excluded = None if unused is None else torch.cat([unused.new_zeros(total * k), unused.reshape(-1)])  # (R,)
+    ids = None
     if pid is not None:  # negatives without ids get one below every positive id: they never clash
-        unknown = None if neg is None or nid is not None else (pid.long().min() - 1).expand(total * m)
+        unknown = None if neg is None or nid is not None else (pid.long().min() - 1).expand(total * spec.m)
         ids = torch.cat([x.reshape(-1).long() for x in (pid, nid, unknown) if x is not None])  # (R,)
-    g_pool = None
-    if gp is not None:
-        g_pool = gp.flatten(0, 1) if gn is None else torch.cat([gp.flatten(0, 1), gn.flatten(0, 1)])
-    g_anchors = ga if anchors is not None else None
+    g_pool = [g.flatten(0, 1) for g in (gp, gn) if g is not None]
     return replace(
-        base,
-        pool=emb,
-        pool_excluded=excluded,
-        pool_ids=ids,
-        g_pool=g_pool,
-        anchors=None if anchors is None else norm(anchors),
-        g_anchors=g_anchors,
-    )
+        base, pool=_cat(emb), pool_excluded=excluded, pool_ids=ids, g_pool=_cat(g_pool) if g_pool else None,
+        anchors=None if anchors is None else norm(anchors), g_anchors=None if anchors is None else ga,
+    )  # fmt: skip
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x.detach(), dim=-1)
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)  # one part: no copy
+
+
+def _unit(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else F.normalize(x.detach(), dim=-1)
 
 
 def _with_temperature(loss_fn: NTXentLoss, tau: Temperature) -> NTXentLoss:

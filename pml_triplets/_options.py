@@ -80,12 +80,9 @@ class Options:
         )
 
     def changed(self) -> dict[str, object]:
-        """The options that differ from their defaults, by name."""
-        return {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if getattr(self, f.name) is not f.default and not _same(getattr(self, f.name), f.default)
-        }
+        """The options that differ from their defaults, by name (a tensor differs unless it is the default)."""
+        values = {f.name: (getattr(self, f.name), f.default) for f in fields(self)}
+        return {k: v for k, (v, d) in values.items() if v is not d and (isinstance(v, torch.Tensor) or v != d)}
 
 
 DEFAULT = Options()
@@ -125,10 +122,6 @@ DOCS = {  # the entry points' docstrings list these (see document)
         needs ``false_negative_margin``.""",
 }
 NAMES = tuple(f.name for f in fields(Options))
-
-
-def _same(a: object, b: object) -> bool:
-    return not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b
 
 
 def document() -> str:
@@ -178,8 +171,9 @@ def make_options(**given: object) -> Options:
     if unknown:
         raise TypeError(f"unknown option(s) {unknown}; the options are {NAMES}")
     opts = replace(DEFAULT, **given)  # type: ignore[arg-type]
-    _check_engine(opts)
-    if opts.temperature is not None:  # numpy and Fraction scalars become floats
+    if opts.loss_fn is not None:
+        _check_loss_fn(opts.loss_fn, opts)
+    elif opts.temperature is not None:  # numpy and Fraction scalars become floats
         opts = replace(opts, temperature=check_temperature(opts.temperature))
     for name in ("in_batch", "gather_across_devices"):
         if not isinstance(getattr(opts, name), bool):
@@ -188,15 +182,14 @@ def make_options(**given: object) -> Options:
         raise ValueError(
             "`gather_across_devices=True` needs `in_batch=True`: per-anchor and shared negatives need no gathering"
         )
-    if opts.chunk_size is not None:
-        if isinstance(opts.chunk_size, bool) or not isinstance(opts.chunk_size, numbers.Integral):
-            raise TypeError(f"`chunk_size` must be an int or None; got {type(opts.chunk_size).__name__}")
-        if opts.chunk_size < 1:
-            raise ValueError(f"`chunk_size` must be >= 1 or None (automatic); got {opts.chunk_size}")
-        opts = replace(opts, chunk_size=int(opts.chunk_size))
-    for name in ("engine", "partition", "hardness_mode", "margin_strategy"):
+    size = opts.chunk_size
+    if size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Integral)):
+        raise TypeError(f"`chunk_size` must be an int or None; got {type(size).__name__}")
+    if size is not None and size < 1:
+        raise ValueError(f"`chunk_size` must be >= 1 or None (automatic); got {size}")
+    for name in CHOICES:
         _choice(name, getattr(opts, name))
-    opts = replace(opts, directions=_directions(opts))
+    opts = replace(opts, chunk_size=None if size is None else int(size), directions=_directions(opts))
     _check_hardness_and_margin(opts)
     if not opts.plain and not opts.dense:
         who = "no loss_fn" if opts.loss_fn is None else f"loss_fn={type(opts.loss_fn).__name__}"
@@ -207,30 +200,27 @@ def make_options(**given: object) -> Options:
     return opts
 
 
-def _check_engine(opts: Options) -> None:
-    loss_fn = opts.loss_fn
+def _check_loss_fn(loss_fn: object, opts: Options) -> None:
+    name = type(loss_fn).__name__
     if isinstance(loss_fn, CrossBatchMemory):
         raise TypeError(
             "`loss_fn` must be a pytorch_metric_learning NTXentLoss; got CrossBatchMemory. Pass its two parts: the "
             "memory bank of negatives as `shared_negatives=` (an [S, d] tensor, e.g. shared_negatives=queue) and the "
             f"loss inside it as `loss_fn=` (loss_fn=xbm.loss, here a {type(loss_fn.loss).__name__})"
         )
-    if loss_fn is not None and not isinstance(loss_fn, NTXentLoss):
-        raise TypeError(f"`loss_fn` must be a pytorch_metric_learning NTXentLoss; got {type(loss_fn).__name__}")
-    if loss_fn is not None and opts.temperature is not None:
+    if not isinstance(loss_fn, NTXentLoss):
+        raise TypeError(f"`loss_fn` must be a pytorch_metric_learning NTXentLoss; got {name}")
+    if opts.temperature is not None:
         raise ValueError(
-            "pass either `temperature` or `loss_fn` (whose temperature is used), not both; got "
-            f"temperature={opts.temperature!r} and "
-            f"loss_fn={type(loss_fn).__name__}(temperature={loss_fn.temperature!r})"
+            f"pass either `temperature` or `loss_fn` (whose temperature is used), not both; got "
+            f"temperature={opts.temperature!r} and loss_fn={name}(temperature={loss_fn.temperature!r})"
         )
-    if loss_fn is not None:
-        check_temperature(loss_fn.temperature)
-    if opts.engine == "dense" and loss_fn is not None and not plain_ntxent(loss_fn):
+    check_temperature(loss_fn.temperature)
+    if opts.engine == "dense" and not plain_ntxent(loss_fn):
         raise ValueError(
-            f"`engine='dense'` computes NTXentLoss's own loss; {type(loss_fn).__name__} overrides it "
-            "(use engine='auto' or 'pml')"
+            f"`engine='dense'` computes NTXentLoss's own loss; {name} overrides it (use engine='auto' or 'pml')"
         )
-    if loss_fn is not None and isinstance(loss_fn.reducer, DoNothingReducer) and loss_fn.embedding_regularizer:
+    if isinstance(loss_fn.reducer, DoNothingReducer) and loss_fn.embedding_regularizer:
         raise ValueError(
             "`loss_fn` has a DoNothingReducer (per-pair losses) and an embedding_regularizer, whose term "
             "cannot be added to per-pair losses: drop one of them, or use another reducer"
@@ -238,12 +228,12 @@ def _check_engine(opts: Options) -> None:
 
 
 def _directions(opts: Options) -> tuple[Direction, ...]:
-    directions = opts.directions
+    directions, order = opts.directions, typing.get_args(Direction)
     if isinstance(directions, str) or not isinstance(directions, tuple | list):
-        raise TypeError(f"`directions` must be a tuple of names from {typing.get_args(Direction)}; got {directions!r}")
-    unknown = [d for d in directions if d not in typing.get_args(Direction)]
+        raise TypeError(f"`directions` must be a tuple of names from {order}; got {directions!r}")
+    unknown = [d for d in directions if d not in order]
     if unknown:
-        raise ValueError(f"`directions` may hold only {typing.get_args(Direction)}; got unknown {unknown}")
+        raise ValueError(f"`directions` may hold only {order}; got unknown {unknown}")
     if A2P not in directions:
         raise ValueError(f"`directions` must contain {A2P!r} (it holds the positive pair); got {tuple(directions)}")
     if len(set(directions)) != len(directions):
@@ -257,7 +247,6 @@ def _directions(opts: Options) -> tuple[Direction, ...]:
             f"{A2A!r} and {P2P!r} do not contain it (each would be a softmax without its target): "
             "use partition='joint'"
         )
-    order = typing.get_args(Direction)
     return tuple(sorted(directions, key=order.index))
 
 
@@ -268,10 +257,8 @@ def _check_hardness_and_margin(opts: Options) -> None:
     if mode is not None and strength == 0:
         raise ValueError(f"`hardness_mode={mode!r}` does nothing with `hardness_strength=0`: pass a strength > 0")
     if mode is None and strength != 0:
-        raise ValueError(
-            f"`hardness_strength={strength}` does nothing without `hardness_mode`: pass one of "
-            f"{CHOICES['hardness_mode'][:-1]}"
-        )
+        modes = CHOICES["hardness_mode"][:-1]
+        raise ValueError(f"`hardness_strength={strength}` does nothing without `hardness_mode`: pass one of {modes}")
     if mode == "in_batch" and not opts.in_batch:
         raise ValueError("`hardness_mode='in_batch'` weighs other rows' candidates: it needs `in_batch=True`")
     if opts.false_negative_margin is not None:

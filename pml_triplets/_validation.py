@@ -20,6 +20,9 @@ __all__: list[str] = []  # private module
 
 Temperature = float | torch.Tensor
 Guide = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+Tensor = torch.Tensor | None
+Data = tuple[torch.Tensor, torch.Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, object]
+"""A call's data: anchors, positives, negatives, negatives_mask, shared_negatives, positive_ids, negative_ids, guide."""
 
 
 @dataclass(frozen=True)
@@ -81,12 +84,13 @@ def _agree(name: str, t: torch.Tensor, dim: int, size: int, label: str, owner: s
         raise ValueError(f"`{name}` has {label}={t.shape[dim]} but `{owner}` has {label}={size}; got {_shape(t)}{hint}")
 
 
-def _ids(name: str, x: object, ndims: tuple[int, ...], label: Callable[[], str]) -> torch.Tensor:
+def _ids(name: str, x: object, ndims: tuple[int, ...], label: Callable[[], str], a: torch.Tensor) -> torch.Tensor:
     t = _tensor(name, x)
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"`{name}` must be an integer tensor; got dtype {t.dtype}")
     if t.ndim not in ndims:
         raise ValueError(f"`{name}` must be {label()}; got {_shape(t)}")
+    _same_device(name, t, a.device)
     return t
 
 
@@ -148,12 +152,12 @@ def check_inputs(
     anchors: object,
     positives: object,
     negatives: object = None,
-    *,
     negatives_mask: object = None,
     shared_negatives: object = None,
-    in_batch: bool = False,
     positive_ids: object = None,
     negative_ids: object = None,
+    *,
+    in_batch: bool = False,
 ) -> Spec:
     """Validate one call's data and return its sizes. Raises ``TypeError``/``ValueError`` naming the argument."""
     a, p = _tensor("anchors", anchors), _tensor("positives", positives)
@@ -167,15 +171,13 @@ def check_inputs(
                     f"`{name}` has dtype {t.dtype} but `anchors` has {a.dtype}; inputs are not promoted, "
                     "cast them to one dtype"
                 )
+            _same_device(name, t, a.device)
     n, k, d = _check_pairs(a, p)
     m = 0 if neg is None else _check_negatives(neg, n, d)
     if sh is not None and sh.ndim != 2:
         raise ValueError(f"`shared_negatives` must be [S, d] = [S, {d}]; got {_shape(sh)}")
     if sh is not None:
         _agree("shared_negatives", sh, 1, d, "d", "anchors")
-    for name, t in (("positives", p), ("negatives", neg), ("shared_negatives", sh)):
-        if t is not None and t.device != a.device:
-            raise ValueError(f"`{name}` is on {t.device} but `anchors` is on {a.device}; move them to one device")
     if negatives_mask is not None:
         if neg is None:
             raise ValueError("`negatives_mask` was given without `negatives`")
@@ -186,7 +188,7 @@ def check_inputs(
             raise ValueError(f"`negatives_mask` must be [N, M] = [{n}, {m}]; got {_shape(mask)}")
         _agree("negatives_mask", mask, 0, n, "N", "anchors")
         _agree("negatives_mask", mask, 1, m, "M", "negatives")
-        _same_device("negatives_mask", mask, a)
+        _same_device("negatives_mask", mask, a.device)
     s = 0 if sh is None else sh.shape[0]
     if m == 0 and s == 0 and not in_batch:
         got = "None" if neg is None else _shape(neg)
@@ -195,7 +197,7 @@ def check_inputs(
             "or pass `shared_negatives` or `in_batch=True`"
         )
     if positive_ids is not None or negative_ids is not None:
-        _check_ids(positive_ids, negative_ids, a, p, n, k, m, neg is not None, in_batch)
+        _check_ids(positive_ids, negative_ids, a, p, m, neg is not None, in_batch)
     return Spec(n=n, k=k, m=m, s=s, d=d, dtype=a.dtype, device=a.device)
 
 
@@ -235,97 +237,65 @@ def _check_negatives(neg: torch.Tensor, n: int, d: int) -> int:
 
 
 def _check_ids(
-    positive_ids: object, negative_ids: object, a: torch.Tensor, p: torch.Tensor, n: int, k: int, m: int,
-    negatives: bool, in_batch: bool,
-) -> None:  # fmt: skip
+    positive_ids: object,
+    negative_ids: object,
+    a: torch.Tensor,
+    p: torch.Tensor,
+    m: int,
+    negatives: bool,
+    in_batch: bool,
+) -> None:
     if positive_ids is None:
         raise ValueError("`negative_ids` needs `positive_ids`: ids only exclude candidates that share a positive's id")
+    n, k = a.shape[0], 1 if p.ndim == 2 else p.shape[1]
 
     def shapes() -> str:  # built only to raise: formatting a size traced by torch.compile would fix it
         return (
             f"[N] or [N, K] = [{n}] or [{n}, {k}]" if p.ndim == 2 else f"[N, K] = [{n}, {k}] (positives are [N, K, d])"
         )
 
-    pid = _ids("positive_ids", positive_ids, (1, 2) if p.ndim == 2 else (2,), shapes)
+    pid = _ids("positive_ids", positive_ids, (1, 2) if p.ndim == 2 else (2,), shapes, a)
     _agree("positive_ids", pid, 0, n, "N", "anchors")
     if pid.ndim == 2:
         _agree("positive_ids", pid, 1, k, "K", "positives")
-    _same_device("positive_ids", pid, a)
-    if negative_ids is None:
-        if not in_batch:
-            raise ValueError(
-                "`positive_ids` has no effect without `negative_ids` or `in_batch=True`: nothing to compare it with"
-            )
-        return
-    if not negatives:
-        raise ValueError("`negative_ids` was given without `negatives`")
-    nid = _ids("negative_ids", negative_ids, (2,), lambda: f"[N, M] = [{n}, {m}]")
-    _agree("negative_ids", nid, 0, n, "N", "anchors")
-    _agree("negative_ids", nid, 1, m, "M", "negatives")
-    _same_device("negative_ids", nid, a)
+    if negative_ids is None and not in_batch:
+        raise ValueError(
+            "`positive_ids` has no effect without `negative_ids` or `in_batch=True`: nothing to compare it with"
+        )
+    if negative_ids is not None:
+        if not negatives:
+            raise ValueError("`negative_ids` was given without `negatives`")
+        nid = _ids("negative_ids", negative_ids, (2,), lambda: f"[N, M] = [{n}, {m}]", a)
+        _agree("negative_ids", nid, 0, n, "N", "anchors")
+        _agree("negative_ids", nid, 1, m, "M", "negatives")
 
 
-def _same_device(name: str, t: torch.Tensor, a: torch.Tensor) -> None:
-    if t.device != a.device:
-        raise ValueError(f"`{name}` is on {t.device} but `anchors` is on {a.device}")
+def _same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"`{name}` is on {t.device} but `anchors` is on {device}; move them to one device")
 
 
-def prepare(
-    anchors: torch.Tensor,
-    positives: torch.Tensor,
-    negatives: torch.Tensor | None,
-    negatives_mask: torch.Tensor | None,
-    shared_negatives: torch.Tensor | None,
-    positive_ids: torch.Tensor | None,
-    negative_ids: torch.Tensor | None,
-    guide: object,
-    in_batch: bool,
-    filtering: bool,
-    hardness_mode: str | None,
-) -> Batch:
-    """Validate, then bring one call's data into the engine's form (see :class:`Batch`)."""
-    spec = check_inputs(
-        anchors,
-        positives,
-        negatives,
-        negatives_mask=negatives_mask,
-        shared_negatives=shared_negatives,
-        in_batch=in_batch,
-        positive_ids=positive_ids,
-        negative_ids=negative_ids,
-    )
+def prepare(data: Data, in_batch: bool, filtering: bool, hardness_mode: str | None) -> Batch:
+    """Validate ``data`` (the call's arguments, in :data:`Data`'s order), then bring it into the engine's form."""
+    anchors, positives, negatives, mask, shared, pid, nid, guide = data
+    spec = check_inputs(*data[:7], in_batch=in_batch)
     if hardness_mode == "own" and spec.m == 0:
         raise ValueError("`hardness_mode='own'` weighs each anchor's own negatives, and `negatives` is None")
-    guides = _check_guide(guide, spec, positives, filtering, shared_negatives is not None)
-    n, k, d = spec.n, spec.k, spec.d
     work = torch.float32 if spec.dtype in (torch.float16, torch.bfloat16) else spec.dtype
-    return Batch(
-        spec=spec,
-        a=anchors.to(work),
-        p=positives.to(work).reshape(n, k, d),
-        neg=None if negatives is None else negatives.to(work),
-        mask=negatives_mask,
-        shared=None if shared_negatives is None else shared_negatives.to(work),
-        pid=None if positive_ids is None else positive_ids.reshape(n, k),
-        nid=negative_ids,
-        guide=None if guides is None else _unit(guides, n, k, work),
-    )
-
-
-def _unit(
-    guides: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], n: int, k: int, work: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Guide embeddings as detached unit rows in the working dtype, positives as (N, K, g)."""
-    ga, gp, gn = (None if g is None else F.normalize(g.detach().to(work), dim=-1) for g in guides)
-    assert ga is not None
-    assert gp is not None
-    return ga, gp.reshape(n, k, -1), gn
+    guides = _check_guide(guide, spec, positives, filtering, shared is not None, work)
+    n, k = spec.n, spec.k
+    neg, shared = (None if x is None else x.to(work) for x in (negatives, shared))
+    p, pid = positives.to(work).reshape(n, k, -1), None if pid is None else pid.reshape(n, k)
+    return Batch(spec, anchors.to(work), p, neg, mask, shared, pid, nid, guides)
 
 
 def _check_guide(
-    guide: object, spec: Spec, positives: torch.Tensor, filtering: bool, shared: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-    """``guide = (anchors [N, g], positives [N, g] or [N, K, g], negatives [N, M, g] or None)``, any width g."""
+    guide: object, spec: Spec, positives: torch.Tensor, filtering: bool, shared: bool, work: torch.dtype
+) -> Guide | None:
+    """``guide = (anchors [N, g], positives [N, g] or [N, K, g], negatives [N, M, g] or None)``, any width g.
+
+    Returns them as detached unit rows in the working dtype, the positives as (N, K, g).
+    """
     if guide is None:
         return None
     if not filtering:
@@ -335,19 +305,22 @@ def _check_guide(
     if shared:
         raise ValueError("`guide` holds no embeddings of `shared_negatives`: filter without a guide, or drop them")
     names = ("guide[0] (anchors)", "guide[1] (positives)", "guide[2] (negatives)")
-    ga = _tensor(names[0], guide[0])
-    gp = _tensor(names[1], guide[1])
-    gn = None if guide[2] is None else _tensor(names[2], guide[2])
-    if (gn is None) != (spec.m == 0):
+    if (guide[2] is None) != (spec.m == 0):
         raise ValueError(f"`{names[2]}` must be given exactly when `negatives` is: [N, M, g] = [{spec.n}, {spec.m}, g]")
-    g = ga.shape[-1]
-    expected = [(names[0], ga, (spec.n, g)), (names[1], gp, (*positives.shape[:-1], g))]
-    if gn is not None:
-        expected.append((names[2], gn, (spec.n, spec.m, g)))
-    for name, t, shape in expected:
-        _floating(name, t)
-        if tuple(t.shape) != shape or g == 0:
-            raise ValueError(f"`{name}` must be {list(shape)} (the data's sizes, any width g >= 1); got {_shape(t)}")
-        if t.device != spec.device:
-            raise ValueError(f"`{name}` is on {t.device} but `anchors` is on {spec.device}")
-    return ga, gp, gn
+    ga, gp = _tensor(names[0], guide[0]), _tensor(names[1], guide[1])
+    gn = None if guide[2] is None else _tensor(names[2], guide[2])
+    g = ga.shape[-1] if ga.ndim else 0  # 0: rejected below, with the shapes
+    shapes = ((spec.n, g), (*positives.shape[:-1], g), (spec.n, spec.m, g))
+    for name, t, shape in zip(names, (ga, gp, gn), shapes, strict=True):
+        if t is not None:
+            _floating(name, t)
+            if tuple(t.shape) != shape or g == 0:
+                raise ValueError(
+                    f"`{name}` must be {list(shape)} (the data's sizes, any width g >= 1); got {_shape(t)}"
+                )
+            _same_device(name, t, spec.device)
+
+    def unit(t: torch.Tensor) -> torch.Tensor:
+        return F.normalize(t.detach().to(work), dim=-1)
+
+    return unit(ga), unit(gp).reshape(spec.n, spec.k, g), None if gn is None else unit(gn)

@@ -125,8 +125,8 @@ def infonce(  # noqa: D417 (the options' descriptions are filled in from _option
     """
     opts = make_options(**_options(locals()))
     tau = _temperature(opts)
-    return evaluate(opts, tau, anchors, positives, negatives, negatives_mask, shared_negatives, positive_ids,
-                    negative_ids, guide)  # fmt: skip
+    data = (anchors, positives, negatives, negatives_mask, shared_negatives, positive_ids, negative_ids, guide)
+    return evaluate(opts, tau, data)
 
 
 class InfoNCE(nn.Module):
@@ -205,9 +205,8 @@ class InfoNCE(nn.Module):
         guide: Guide | None = None,
     ) -> torch.Tensor:
         """The loss for one batch; arguments and shapes as in :func:`infonce`."""
-        tau = self.temperature
-        return evaluate(self.options, tau, anchors, positives, negatives, negatives_mask, shared_negatives,
-                        positive_ids, negative_ids, guide)  # fmt: skip
+        data = (anchors, positives, negatives, negatives_mask, shared_negatives, positive_ids, negative_ids, guide)
+        return evaluate(self.options, self.temperature, data)
 
     def extra_repr(self) -> str:
         """The temperature now, whether it is learnable, and every option that differs from its default."""

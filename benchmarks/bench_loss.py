@@ -23,6 +23,11 @@ row's positive and negatives):
 * ``guide`` -- ``false_negative_margin=0.1`` (no guide: the embeddings themselves, detached): a candidate c is dropped
   when s(a_i, c) > s(a_i, p_i) - 0.1.
 
+One per-anchor row adds a negative queue: ``queue`` -- a full ``pt.NegativeQueue`` of 65,536 rows (ids 0..65,535)
+shared by every anchor, ``pt.infonce(a, p, n, queue=queue, positive_ids=arange(N))``: anchor i's positive has id
+i, so queue row i (an earlier copy of it) is not its negative. Its floor concatenates the positive, the M
+negatives and the (N, 65,536) queue block with that entry masked to -inf, and takes one cross-entropy.
+
 An option that ``pt.infonce`` does not accept (a ``TypeError`` for the keyword) is reported as "n/a (option
 missing)". Methods, all computing the same loss (checked before anything is timed: the base methods against
 ``pt.reference_infonce`` at a small size; ``pml_triplets`` with an option against that option's floor, in float64;
@@ -77,6 +82,7 @@ The targets printed at the end (PASS/FAIL; "n/a" where the configuration or tabl
   median time, <= 0.2 ms; peak memory at N=4096, M=32 <= 1.0x; >= 50x faster than the recipe at N=512, M=32.
 * eager, in-batch at N=1024, M=8: time <= 1.10x and peak memory <= 1.10x.
 * eager, each retrieval option (in-batch N=1024, M=8): time <= 1.3x its own floor.
+* eager, per-anchor N=256, M=8 with the 65,536-row queue: time <= 1.10x and peak memory <= 1.10x its floor.
 * compiled: time ratio's geometric mean over the per-anchor grid <= 1.0, and over the in-batch grid (no options)
   <= 1.0; ``fullgraph=True`` compiles at every configuration of the compiled table.
 """
@@ -122,6 +128,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "hardness": {"hardness_mode": "all", "hardness_strength": HARDNESS_STRENGTH},
     "guide": {"false_negative_margin": MARGIN},
 }
+QUEUE_ROWS = 65_536  # the per-anchor "queue" row: a full pt.NegativeQueue of this many rows, shared by every anchor
+PA_OPTIONS = ("queue",)  # the per-anchor options
 Mode = Literal["per-anchor", "in-batch"]
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -138,7 +146,7 @@ class Config:
     mode: Mode
     n: int
     m: int
-    option: str | None = None  # a key of OPTIONS (in-batch only)
+    option: str | None = None  # a key of OPTIONS (in-batch), or one of PA_OPTIONS (per-anchor)
 
     @property
     def label(self) -> str:
@@ -169,27 +177,29 @@ class Result:
 
 def grid(quick: bool) -> list[Config]:
     if quick:
-        per_anchor, in_batch, options = [(64, 4)], [(32, 4)], (32, 4)
+        per_anchor, in_batch, options, queue = [(64, 4)], [(32, 4)], (32, 4), (64, 4)
     else:
         per_anchor = [(128, 4)] + [(n, m) for n in (512, 2048, 4096) for m in (4, 8, 32, 64)]
-        in_batch, options = [(256, 8), (1024, 8), (2048, 8)], (1024, 8)
+        in_batch, options, queue = [(256, 8), (1024, 8), (2048, 8)], (1024, 8), (256, 8)
     return (
         [Config("per-anchor", n, m) for n, m in per_anchor]
+        + [Config("per-anchor", *queue, "queue")]
         + [Config("in-batch", n, m) for n, m in in_batch]
         + [Config("in-batch", *options, option) for option in OPTIONS]
     )
 
 
 def parse_config(text: str) -> Config:
-    """``MODE:N:M[:OPTION]``, MODE ``pa`` (per-anchor) or ``ib`` (in-batch), OPTION a key of OPTIONS (in-batch)."""
+    """``MODE:N:M[:OPTION]``, MODE ``pa`` (per-anchor) or ``ib`` (in-batch), OPTION of that mode (see the grid)."""
     modes: dict[str, Mode] = {"pa": "per-anchor", "per-anchor": "per-anchor", "ib": "in-batch", "in-batch": "in-batch"}
     parts = text.split(":")
     ok = len(parts) in (3, 4) and parts[0] in modes and parts[1].isdigit() and parts[2].isdigit()
     option = parts[3] if len(parts) == 4 else None
-    if not ok or int(parts[1]) < 1 or (option is not None and (option not in OPTIONS or modes[parts[0]] != "in-batch")):
+    allowed = (OPTIONS if modes.get(parts[0]) == "in-batch" else PA_OPTIONS) if ok else ()
+    if not ok or int(parts[1]) < 1 or (option is not None and option not in allowed):
         raise argparse.ArgumentTypeError(
-            f"expected MODE:N:M[:OPTION] with MODE pa or ib, N >= 1, M >= 0 and OPTION (ib only) one of "
-            f"{', '.join(OPTIONS)}; got {text!r}"
+            f"expected MODE:N:M[:OPTION] with MODE pa or ib, N >= 1, M >= 0 and OPTION one of "
+            f"{', '.join(OPTIONS)} (ib) or {', '.join(PA_OPTIONS)} (pa); got {text!r}"
         )
     return Config(modes[parts[0]], int(parts[1]), int(parts[2]), option)
 
@@ -235,6 +245,35 @@ def option_floor(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor, option: str)
     return (lse - sim[:, : rows.shape[0]].diagonal() / TAU).mean()
 
 
+def queue_floor(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor, queue: pt.NegativeQueue) -> torch.Tensor:
+    """Per-anchor negatives plus every queued row but the one with the id of the anchor's positive (id = row i)."""
+    a, p, n, bank = (
+        F.normalize(a, dim=-1),
+        F.normalize(p, dim=-1),
+        F.normalize(n, dim=-1),
+        F.normalize(queue.negatives, dim=-1),
+    )
+    rows = torch.arange(a.shape[0], device=a.device)
+    pos = (a * p).sum(-1)  # (N,)
+    neg = torch.einsum("nd,nmd->nm", a, n)  # (N, M)
+    shared = (a @ bank.T).masked_fill(queue.ids[None, :] == rows[:, None], -math.inf)  # (N, S)
+    logits = torch.cat([pos[:, None], neg, shared], 1) / TAU
+    return F.cross_entropy(logits, torch.zeros_like(rows))
+
+
+def queue_for(cfg: Config, d: int, dtype: torch.dtype, device: torch.device) -> pt.NegativeQueue | None:
+    return queue_of(d, dtype, str(device)) if cfg.option in PA_OPTIONS else None
+
+
+@cache
+def queue_of(d: int, dtype: torch.dtype, device: str) -> pt.NegativeQueue:
+    """A full queue of QUEUE_ROWS rows of width d, ids 0..S-1: anchor i's positive has id i (queue row i)."""
+    queue = pt.NegativeQueue(QUEUE_ROWS, d, dtype=dtype, device=device)
+    rows = torch.randn(QUEUE_ROWS, d, generator=torch.Generator().manual_seed(3))
+    queue.enqueue(rows.to(device, dtype), ids=torch.arange(QUEUE_ROWS, device=device))
+    return queue
+
+
 def in_batch_pairs(n: int, m: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """4-tuple over ``concat_embeddings``'s rows: anchor i with its positive, and with every candidate but it."""
     rows = torch.arange(n, device=device)
@@ -260,24 +299,34 @@ def info_nce_loss(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor) -> torch.Te
     return loss
 
 
-def floor_fn(cfg: Config) -> LossFn:
+def floor_fn(cfg: Config, queue: pt.NegativeQueue | None = None) -> LossFn:
     ib = cfg.mode == "in-batch"
+    if queue is not None:
+        return lambda a, p, n: queue_floor(a, p, n, queue)
     if cfg.option is not None:
         option = cfg.option
         return lambda a, p, n: option_floor(a, p, n, option)
     return lambda a, p, n: floor_loss(a, p, n, ib)
 
 
-def ours(cfg: Config, **kw: Any) -> LossFn:
+def ours(cfg: Config, queue: pt.NegativeQueue | None = None, **kw: Any) -> LossFn:
     ib, opts = cfg.mode == "in-batch", OPTIONS.get(cfg.option or "", {})
+    if queue is not None:  # anchor i's positive has id i, as queue row i
+        return lambda a, p, n: pt.infonce(a, p, n, temperature=TAU, queue=queue, positive_ids=ids(a), **kw)
     return lambda a, p, n: pt.infonce(a, p, n, temperature=TAU, in_batch=ib, **opts, **kw)
 
 
-def ours_fullgraph(cfg: Config) -> LossFn:
+def ours_fullgraph(cfg: Config, queue: pt.NegativeQueue | None = None) -> LossFn:
     # The same call as ours() but a separate code object: dynamo caches compiled code per code object, so the
     # fullgraph=True wrapper must not find the graph-broken code compiled for the default wrapper.
     ib, opts = cfg.mode == "in-batch", OPTIONS.get(cfg.option or "", {})
+    if queue is not None:
+        return lambda a, p, n: pt.infonce(a, p, n, temperature=TAU, queue=queue, positive_ids=ids(a))
     return lambda a, p, n: pt.infonce(a, p, n, temperature=TAU, in_batch=ib, **opts)
+
+
+def ids(a: torch.Tensor) -> torch.Tensor:
+    return torch.arange(a.shape[0], device=a.device)
 
 
 def close(value: float, expected: float, rtol: float) -> bool:
@@ -289,24 +338,31 @@ def option_status(option: str, device: str) -> str:
     """Why ``pt.infonce`` with ``option`` is not measured; "" if it takes it and agrees with its floor (float64)."""
     g = torch.Generator().manual_seed(2)
     a, p, n = (torch.randn(s, generator=g, dtype=torch.float64).to(device) for s in ((10, 8), (10, 8), (10, 3, 8)))
-    cfg = Config("in-batch", 10, 3, option)
+    queue = None
+    if option in PA_OPTIONS:  # a small queue whose rows 0..9 are copies of the anchors' positives by id
+        queue = pt.NegativeQueue(20, 8, dtype=torch.float64, device=device)
+        queue.enqueue(torch.randn(20, 8, generator=g, dtype=torch.float64).to(device), ids=torch.arange(20).to(device))
+    cfg = Config("in-batch" if queue is None else "per-anchor", 10, 3, option)
     try:
-        got = float(ours(cfg)(a, p, n))
+        got = float(ours(cfg, queue)(a, p, n))
     except Exception as err:  # the option is being written: whatever it raises goes into the table
         missing = isinstance(err, TypeError) and "unexpected keyword argument" in str(err)
         return "n/a (option missing)" if missing else f"n/a ({first_line(err, 70)})"
-    expected = float(option_floor(a, p, n, option))
+    expected = float(floor_fn(cfg, queue)(a, p, n))
     return "" if close(got, expected, 1e-8) else f"n/a (wrong value: {got:.8g}, its floor {expected:.8g})"
 
 
-def methods(cfg: Config, compiled: bool, device: str) -> dict[str, LossFn | str]:
-    """Each method's loss for ``cfg`` (compiled or not), or a string: why the method is not measured there."""
+def methods(cfg: Config, compiled: bool, device: str, queue: pt.NegativeQueue | None = None) -> dict[str, LossFn | str]:
+    """Each method's loss for ``cfg`` (compiled or not), or a string: why the method is not measured there.
+
+    ``queue``: the row's queue, for the per-anchor "queue" option (see :func:`queue_of`).
+    """
     ib = cfg.mode == "in-batch"
-    out: dict[str, LossFn | str] = {"floor": floor_fn(cfg)}
+    out: dict[str, LossFn | str] = {"floor": floor_fn(cfg, queue)}
     if cfg.option is not None:
         status = option_status(cfg.option, device)
-        out["pml_triplets"] = status or ours(cfg)
-        out[FULLGRAPH] = status or ours_fullgraph(cfg)
+        out["pml_triplets"] = status or ours(cfg, queue)
+        out[FULLGRAPH] = status or ours_fullgraph(cfg, queue)
         for name in ("pml_triplets[pml]", "recipe", "info-nce-pytorch"):
             out[name] = "n/a (no such option)"
     else:
@@ -439,29 +495,39 @@ def worker(args: argparse.Namespace) -> None:
     more fails here, with ``"over": true``, instead of drawing the machine into the OOM killer.
     """
     cfg = Config(args.mode, args.n, args.m, args.option)
-    fn = methods(cfg, args.compiled, "cpu")[args.method]
+    fn = methods(cfg, args.compiled, "cpu", queue_for(cfg, args.d, DTYPES[args.dtype], torch.device("cpu")))[
+        args.method
+    ]
     assert not isinstance(fn, str)
     inputs = make_inputs(cfg, args.d, DTYPES[args.dtype], torch.device("cpu"))
     limit = vm_bytes() + int((8.0 if args.max_gb is None else args.max_gb) * 1e9)
     resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    print(json.dumps(peak_report(lambda: run_once(fn, inputs), inputs, warm_ups(args.compiled))))
+
+
+def peak_report(run: Callable[[], object], leaves: Sequence[torch.Tensor], warm_calls: int) -> dict[str, Any]:
+    """Peak extra RSS of one ``run()``, as the JSON a memory worker prints; ``{"over": True}`` if it ran out.
+
+    ``warm_calls`` calls first (where the high-water mark can be reset) keep lazy one-time allocations (thread
+    pools, kernels, compiling) out of the figure; the ``leaves``' gradients are dropped after them.
+    """
     try:
         resettable = reset_high_water_mark()
-        if resettable:  # a warm-up keeps lazy one-time allocations (thread pools, kernels, compiling) out of it
-            for _ in range(warm_ups(args.compiled)):
-                run_once(fn, inputs)
-            for x in inputs:
+        if resettable:
+            for _ in range(warm_calls):
+                run()
+            for x in leaves:
                 x.grad = None
             gc.collect()
             malloc_trim()
             reset_high_water_mark()
         base = rss_bytes()
-        run_once(fn, inputs)
+        run()
     except Exception as err:
         if not out_of_memory(err):
             raise
-        print(json.dumps({"over": True}))
-        return
-    print(json.dumps({"peak": peak_rss_bytes() - base, "warm": resettable, "over": False}))
+        return {"over": True}
+    return {"peak": peak_rss_bytes() - base, "warm": resettable, "over": False}
 
 
 def out_of_memory(err: BaseException) -> bool:
@@ -527,7 +593,8 @@ def measure(
     wanted = [m for m in METHODS if (compiled or m != FULLGRAPH) and (m == "floor" or m in args.methods)]
     results = {name: Result(cfg, name) for name in wanted}
     active: dict[str, LossFn] = {}
-    for name, fn in methods(cfg, compiled, device.type).items():
+    queue = queue_for(cfg, args.d, dtype, device)
+    for name, fn in methods(cfg, compiled, device.type, queue).items():
         if name not in results:
             continue
         if isinstance(fn, str):
@@ -542,7 +609,7 @@ def measure(
             if results[name].note.startswith("skipped"):
                 del active[name]
     with torch.no_grad():
-        expected = float(floor_fn(cfg)(*inputs))  # every method's value is checked against the eager floor's
+        expected = float(floor_fn(cfg, queue)(*inputs))  # every method's value is checked against the eager floor's
     repeats = dict.fromkeys(active, args.repeats)
     if cfg == FIXED_COST:  # its target is a difference of two medians in ms: many repeats of those two
         repeats.update({m: max(args.repeats, args.many) for m in ("floor", "pml_triplets", FULLGRAPH) if m in active})
@@ -655,6 +722,17 @@ def targets(eager: Sequence[Result], compiled: Sequence[Result]) -> list[tuple[s
     rec, mine = (ratio(eager, Config("per-anchor", 512, 32), m, "time") for m in ("recipe", "pml_triplets"))
     speedup = None if rec is None or mine is None else rec / mine
     add("eager ≥ 50× faster than the recipe at N=512, M=32", speedup, 50, ".0f")
+    queue = Config("per-anchor", 256, 8, "queue")
+    add(
+        "eager per-anchor + queue time ×floor ≤ 1.10 at N=256, M=8, S=65,536",
+        ratio(eager, queue, "pml_triplets", "time"),
+        1.10,
+    )
+    add(
+        "eager per-anchor + queue peak memory ×floor ≤ 1.10 at N=256, M=8, S=65,536",
+        ratio(eager, queue, "pml_triplets", "peak"),
+        1.10,
+    )
     for option in OPTIONS:
         cfg = Config("in-batch", 1024, 8, option)
         row = lookup(eager, cfg, "pml_triplets")
@@ -756,7 +834,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="append",
         type=parse_config,
         help="MODE:N:M[:OPTION] instead of the grid, repeatable: pa:8192:64, ib:1024:8, ib:1024:8:4dir "
-        f"(options: {', '.join(OPTIONS)})",
+        f"(options: ib {', '.join(OPTIONS)}; pa {', '.join(PA_OPTIONS)})",
     )
     ap.add_argument(
         "--methods",
@@ -781,7 +859,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     worker_args.add_argument("--mode", choices=("per-anchor", "in-batch"), help=argparse.SUPPRESS)
     worker_args.add_argument("--n", type=int, help=argparse.SUPPRESS)
     worker_args.add_argument("--m", type=int, help=argparse.SUPPRESS)
-    worker_args.add_argument("--option", choices=tuple(OPTIONS), help=argparse.SUPPRESS)
+    worker_args.add_argument("--option", choices=(*OPTIONS, *PA_OPTIONS), help=argparse.SUPPRESS)
     worker_args.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     worker_args.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

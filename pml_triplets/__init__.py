@@ -12,11 +12,16 @@ from importlib.metadata import PackageNotFoundError, version
 from .cached import cached_step
 from .indices import build_indices, concat_embeddings, pairing_matrix
 from .loss import DEFAULT_TEMPERATURE, InfoNCE, infonce
+from .ntxent import NTXentLoss, RepeatLayoutWarning
+from .queue import NegativeQueue
 from .reference import reference_infonce
 
 __all__ = [
     "DEFAULT_TEMPERATURE",
     "InfoNCE",
+    "NTXentLoss",
+    "NegativeQueue",
+    "RepeatLayoutWarning",
     "__version__",
     "build_indices",
     "cached_step",

@@ -24,7 +24,7 @@ from pytorch_metric_learning.losses import NTXentLoss
 from torch.utils.checkpoint import checkpoint
 
 from . import _distributed
-from ._blocks import Context, Rows, chunk_loss, pool_excluded
+from ._blocks import Context, Rows, chunk_loss, pool_excluded, shared_excluded
 from ._options import A2A, P2A, P2P, Options
 from ._reduce import check_reducer, reduce
 from ._validation import Batch, Data, Spec, Temperature, autocast_enabled, is_compiling, prepare, transformed
@@ -127,7 +127,8 @@ def auto_chunk(opts: Options, spec: Spec, ctx: Context) -> int:
         size = max(1, math.isqrt(budget // max(1, spec.k * width + spec.k + spec.m)))
     else:
         per_k = (opts.false_negative_margin is not None) * width + (P2P in opts.directions) * r
-        per_anchor = spec.k + width + (A2A in opts.directions) * t + spec.k * (per_k + (P2A in opts.directions) * t)
+        per_k += (P2A in opts.directions) * t + (ctx.shared_ids is not None) * spec.s  # the last: the id clashes
+        per_anchor = spec.k + width + (A2A in opts.directions) * t + spec.k * per_k
         total = spec.n * per_anchor  # one chunk while everything fits in a few budgets (no recomputation then)
         size = spec.n if total <= 4 * budget else max(1, budget // per_anchor)
     count = -(-spec.n // size)
@@ -154,7 +155,8 @@ def _layout(opts: Options, batch: Batch) -> tuple[Rows, Context]:
         valid = ~clash if valid is None else valid & ~clash
     rows = torch.arange(spec.n, device=spec.device) + offset  # (N,) global rows
     norm = partial(_normalize, opts, spec)
-    ctx = Context(None if batch.shared is None else norm(batch.shared), _unit(batch.shared) if unit else None)
+    shared = None if batch.shared is None else norm(batch.shared)
+    ctx = Context(shared, _unit(batch.shared) if unit else None, batch.sid)
     if not opts.in_batch:
         neg = None if everyone[1] is None else norm(everyone[1])
         return Rows(norm(a), norm(p), neg, valid, rows, None, pid, ga, gp, gn), ctx
@@ -274,8 +276,11 @@ def _pml_chunk(loss_fn: NTXentLoss, k: int, r: Rows, ctx: Context) -> torch.Tens
             rows, col = r.valid.nonzero(as_tuple=True)
             add(r.neg.reshape(c * m, d), rows, rows * m + col)
     if ctx.shared is not None:
-        s = ctx.shared.shape[0]
-        add(ctx.shared, torch.arange(c, device=dev).repeat_interleave(s), torch.arange(s, device=dev).repeat(c))
+        s, clash = ctx.shared.shape[0], shared_excluded(r, ctx)
+        if clash is None:  # every pair: no data-dependent shapes
+            add(ctx.shared, torch.arange(c, device=dev).repeat_interleave(s), torch.arange(s, device=dev).repeat(c))
+        else:
+            add(ctx.shared, *(~clash).nonzero(as_tuple=True))
     if ctx.pool is not None:
         excluded = pool_excluded(r, ctx)
         assert excluded is not None  # the own row at least

@@ -20,6 +20,7 @@ from pytorch_metric_learning.reducers import DoNothingReducer, MeanReducer
 
 from ._similarity import Similarity
 from ._validation import Temperature, check_temperature
+from .ntxent import NTXentLoss as DropInNTXentLoss
 
 __all__: list[str] = []  # private module
 
@@ -98,8 +99,9 @@ DOCS = {  # the entry points' docstrings list these (see document)
     "chunk_size": """anchors evaluated at a time; ``None`` picks it from the sizes and the device so that the
         largest intermediate stays under a budget. The value does not depend on it.""",
     "engine": """``"dense"`` computes each anchor's logits from the distance and temperature (linear in the pairs,
-        uncapped); ``"pml"`` calls ``loss_fn.compute_loss`` on each chunk's pairs and returns PML's own numbers,
-        including its ``log(num/den + tiny)`` cap (quadratic in the chunk). ``"auto"`` is ``"dense"`` for every
+        uncapped); ``"pml"`` calls ``loss_fn.compute_loss`` on each chunk's pairs and returns its numbers: PML's
+        own, including its ``log(num/den + tiny)`` cap (quadratic in the chunk), or ``pml_triplets.NTXentLoss``'s
+        (uncapped, linear). ``"auto"`` is ``"dense"`` for every
         ``NTXentLoss`` that computes NTXentLoss's own loss, whatever its distance, and ``"pml"`` for subclasses
         that override ``compute_loss`` or ``_compute_loss``.""",
     "gather_across_devices": """with ``in_batch`` under ``torch.distributed``, take every rank's positives and
@@ -135,9 +137,15 @@ def document() -> str:
 
 
 def plain_ntxent(loss_fn: NTXentLoss) -> bool:
-    """Whether ``loss_fn`` computes NTXentLoss's own loss (a subclass that only configures it counts)."""
+    """Whether ``loss_fn`` computes NTXentLoss's own loss (a subclass that only configures it counts).
+
+    PML's ``NTXentLoss`` does, and so does ``pml_triplets.NTXentLoss`` (the same terms, linear in the pairs, uncapped).
+    """
     cls = type(loss_fn)
-    return cls._compute_loss is NTXentLoss._compute_loss and cls.compute_loss is NTXentLoss.compute_loss
+    return any(
+        cls._compute_loss is base._compute_loss and cls.compute_loss is base.compute_loss
+        for base in (NTXentLoss, DropInNTXentLoss)
+    )
 
 
 def _allowed(hint: object) -> tuple[object, ...]:

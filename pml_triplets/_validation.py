@@ -21,8 +21,9 @@ __all__: list[str] = []  # private module
 Temperature = float | torch.Tensor
 Guide = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 Tensor = torch.Tensor | None
-Data = tuple[torch.Tensor, torch.Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, object]
-"""A call's data: anchors, positives, negatives, negatives_mask, shared_negatives, positive_ids, negative_ids, guide."""
+Data = tuple[torch.Tensor, torch.Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, object]
+"""A call's data, as given: anchors, positives, negatives, negatives_mask, shared_negatives, positive_ids,
+negative_ids, shared_negative_ids, guide."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class Batch:
     shared: torch.Tensor | None  # (S, d)
     pid: torch.Tensor | None  # (N, K)
     nid: torch.Tensor | None  # (N, M)
+    sid: torch.Tensor | None  # (S,)
     guide: Guide | None  # unit rows, no grad: (N, g), (N, K, g), (N, M, g) or None
 
 
@@ -156,6 +158,7 @@ def check_inputs(
     shared_negatives: object = None,
     positive_ids: object = None,
     negative_ids: object = None,
+    shared_negative_ids: object = None,
     *,
     in_batch: bool = False,
 ) -> Spec:
@@ -196,8 +199,8 @@ def check_inputs(
             f"no negatives: `negatives` must be [N, M, d] = [{n}, M, {d}] with M >= 1 (got {got}), "
             "or pass `shared_negatives` or `in_batch=True`"
         )
-    if positive_ids is not None or negative_ids is not None:
-        _check_ids(positive_ids, negative_ids, a, p, m, neg is not None, in_batch)
+    if positive_ids is not None or negative_ids is not None or shared_negative_ids is not None:
+        _check_ids(positive_ids, negative_ids, shared_negative_ids, a, p, m, neg is not None, sh, in_batch)
     return Spec(n=n, k=k, m=m, s=s, d=d, dtype=a.dtype, device=a.device)
 
 
@@ -239,14 +242,17 @@ def _check_negatives(neg: torch.Tensor, n: int, d: int) -> int:
 def _check_ids(
     positive_ids: object,
     negative_ids: object,
+    shared_negative_ids: object,
     a: torch.Tensor,
     p: torch.Tensor,
     m: int,
     negatives: bool,
+    shared: torch.Tensor | None,
     in_batch: bool,
 ) -> None:
     if positive_ids is None:
-        raise ValueError("`negative_ids` needs `positive_ids`: ids only exclude candidates that share a positive's id")
+        name = "negative_ids" if negative_ids is not None else "shared_negative_ids"
+        raise ValueError(f"`{name}` needs `positive_ids`: ids only exclude candidates that share a positive's id")
     n, k = a.shape[0], 1 if p.ndim == 2 else p.shape[1]
 
     def shapes() -> str:  # built only to raise: formatting a size traced by torch.compile would fix it
@@ -258,9 +264,10 @@ def _check_ids(
     _agree("positive_ids", pid, 0, n, "N", "anchors")
     if pid.ndim == 2:
         _agree("positive_ids", pid, 1, k, "K", "positives")
-    if negative_ids is None and not in_batch:
+    if negative_ids is None and shared_negative_ids is None and not in_batch:
         raise ValueError(
-            "`positive_ids` has no effect without `negative_ids` or `in_batch=True`: nothing to compare it with"
+            "`positive_ids` has no effect without `negative_ids`, `shared_negative_ids` or `in_batch=True`: "
+            "nothing to compare it with"
         )
     if negative_ids is not None:
         if not negatives:
@@ -268,6 +275,11 @@ def _check_ids(
         nid = _ids("negative_ids", negative_ids, (2,), lambda: f"[N, M] = [{n}, {m}]", a)
         _agree("negative_ids", nid, 0, n, "N", "anchors")
         _agree("negative_ids", nid, 1, m, "M", "negatives")
+    if shared_negative_ids is not None:
+        if shared is None:
+            raise ValueError("`shared_negative_ids` was given without `shared_negatives`")
+        sid = _ids("shared_negative_ids", shared_negative_ids, (1,), lambda: f"[S] = [{shared.shape[0]}]", a)
+        _agree("shared_negative_ids", sid, 0, shared.shape[0], "S", "shared_negatives")
 
 
 def _same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
@@ -277,8 +289,8 @@ def _same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
 
 def prepare(data: Data, in_batch: bool, filtering: bool, hardness_mode: str | None) -> Batch:
     """Validate ``data`` (the call's arguments, in :data:`Data`'s order), then bring it into the engine's form."""
-    anchors, positives, negatives, mask, shared, pid, nid, guide = data
-    spec = check_inputs(*data[:7], in_batch=in_batch)
+    anchors, positives, negatives, mask, shared, pid, nid, sid, guide = data
+    spec = check_inputs(*data[:8], in_batch=in_batch)
     if hardness_mode == "own" and spec.m == 0:
         raise ValueError("`hardness_mode='own'` weighs each anchor's own negatives, and `negatives` is None")
     work = torch.float32 if spec.dtype in (torch.float16, torch.bfloat16) else spec.dtype
@@ -286,7 +298,7 @@ def prepare(data: Data, in_batch: bool, filtering: bool, hardness_mode: str | No
     n, k = spec.n, spec.k
     neg, shared = (None if x is None else x.to(work) for x in (negatives, shared))
     p, pid = positives.to(work).reshape(n, k, -1), None if pid is None else pid.reshape(n, k)
-    return Batch(spec, anchors.to(work), p, neg, mask, shared, pid, nid, guides)
+    return Batch(spec, anchors.to(work), p, neg, mask, shared, pid, nid, sid, guides)
 
 
 def _check_guide(

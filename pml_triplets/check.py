@@ -150,7 +150,11 @@ def _basic_cases(
         _Case("plain", {"anchors": a, "positives": p, "negatives": neg}),
         _Case("mask", {"anchors": a, "positives": p, "negatives": masked_neg}, {"negatives_mask": mask}),
         _Case("K=3 positives", {"anchors": a, "positives": randn(n, 3, d), "negatives": neg}),
-        _Case("shared negatives", {"anchors": a, "positives": p, "negatives": neg, "shared_negatives": randn(m, d)}),
+        _Case(  # shared ids 0, 2, 4, ...: anchors 2j and 2j+1 (positive id 2j) each lose one shared negative
+            "shared negatives+ids",
+            {"anchors": a, "positives": p, "negatives": neg, "shared_negatives": randn(m, d)},
+            {"positive_ids": pos_ids[:, 0], "shared_negative_ids": 2 * torch.arange(m)},
+        ),
         _Case(
             "in-batch+ids+mask,K=2",
             {"anchors": a, "positives": randn(n, 2, d), "negatives": masked_neg},

@@ -28,6 +28,7 @@ from ._options import (
     make_options,
 )
 from ._validation import Guide, Temperature, check_temperature
+from .queue import NegativeQueue, from_queue
 
 __all__ = ["DEFAULT_TEMPERATURE", "InfoNCE", "infonce"]
 
@@ -53,6 +54,8 @@ def infonce(  # noqa: D417 (the options' descriptions are filled in from _option
     shared_negatives: torch.Tensor | None = None,
     positive_ids: torch.Tensor | None = None,
     negative_ids: torch.Tensor | None = None,
+    shared_negative_ids: torch.Tensor | None = None,
+    queue: NegativeQueue | None = None,
     guide: Guide | None = None,
     temperature: Temperature | None = DEFAULT.temperature,
     loss_fn: NTXentLoss | None = DEFAULT.loss_fn,
@@ -96,8 +99,13 @@ def infonce(  # noqa: D417 (the options' descriptions are filled in from _option
                 any gradient, whatever values they hold.
             shared_negatives: ``[S, d]`` negatives of every anchor (a memory bank or a queue).
             positive_ids: ``[N]`` or ``[N, K]`` integer ids of the positives. A candidate with the same id as one of
-                anchor i's positives is never its negative. Needs ``negative_ids`` or ``in_batch``.
+                anchor i's positives is never its negative. Needs ``negative_ids``, ``shared_negative_ids`` or
+                ``in_batch``.
             negative_ids: ``[N, M]`` integer ids of ``negatives``; needs ``positive_ids``.
+            shared_negative_ids: ``[S]`` integer ids of ``shared_negatives``; needs ``positive_ids``.
+            queue: a :class:`~pml_triplets.NegativeQueue`: its filled rows and ids as ``shared_negatives`` and
+                ``shared_negative_ids`` (the rows in the anchors' dtype; the ids when ``positive_ids`` are given); not
+                together with them.
             guide: ``(anchors [N, g], positives [N, g] or [N, K, g], negatives [N, M, g] or None)`` embeddings of a
                 guide model (any width g; no gradient flows into them), for ``false_negative_margin``.
     {options}
@@ -125,7 +133,8 @@ def infonce(  # noqa: D417 (the options' descriptions are filled in from _option
     """
     opts = make_options(**_options(locals()))
     tau = _temperature(opts)
-    data = (anchors, positives, negatives, negatives_mask, shared_negatives, positive_ids, negative_ids, guide)
+    shared, shared_ids = from_queue(queue, shared_negatives, shared_negative_ids, positive_ids, anchors)
+    data = (anchors, positives, negatives, negatives_mask, shared, positive_ids, negative_ids, shared_ids, guide)
     return evaluate(opts, tau, data)
 
 
@@ -202,10 +211,13 @@ class InfoNCE(nn.Module):
         shared_negatives: torch.Tensor | None = None,
         positive_ids: torch.Tensor | None = None,
         negative_ids: torch.Tensor | None = None,
+        shared_negative_ids: torch.Tensor | None = None,
+        queue: NegativeQueue | None = None,
         guide: Guide | None = None,
     ) -> torch.Tensor:
         """The loss for one batch; arguments and shapes as in :func:`infonce`."""
-        data = (anchors, positives, negatives, negatives_mask, shared_negatives, positive_ids, negative_ids, guide)
+        shared, shared_ids = from_queue(queue, shared_negatives, shared_negative_ids, positive_ids, anchors)
+        data = (anchors, positives, negatives, negatives_mask, shared, positive_ids, negative_ids, shared_ids, guide)
         return evaluate(self.options, self.temperature, data)
 
     def extra_repr(self) -> str:

@@ -22,7 +22,9 @@ from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity, Do
 from pytorch_metric_learning.losses import NTXentLoss
 from pytorch_metric_learning.reducers import DoNothingReducer, MeanReducer, PerAnchorReducer
 
+from ._options import plain_ntxent
 from ._validation import check_inputs, check_temperature
+from .queue import NegativeQueue, from_queue
 
 __all__ = ["reference_infonce"]
 
@@ -76,6 +78,7 @@ class _Data:
     keep: list[list[bool]]  # N x M: which negatives exist
     pid: list[list[int]] | None  # N x K
     nid: list[list[int]] | None  # N x M
+    sid: list[int] | None  # S
     ga: list[torch.Tensor]  # unit guide vectors (g,): the guide's, or the embeddings' own (detached)
     gp: list[list[torch.Tensor]]
     gn: list[list[torch.Tensor]]
@@ -94,6 +97,8 @@ def reference_infonce(
     in_batch: bool = False,
     positive_ids: torch.Tensor | None = None,
     negative_ids: torch.Tensor | None = None,
+    shared_negative_ids: torch.Tensor | None = None,
+    queue: NegativeQueue | None = None,
     chunk_size: int | None = None,
     engine: str = "auto",
     gather_across_devices: bool = False,
@@ -147,6 +152,8 @@ def reference_infonce(
         in_batch: also every other row's positives and unmasked negatives.
         positive_ids: ``[N]`` or ``[N, K]`` ints: a candidate with the id of one of anchor i's positives is dropped.
         negative_ids: ``[N, M]`` ints, the ids of ``negatives``.
+        shared_negative_ids: ``[S]`` ints, the ids of ``shared_negatives``.
+        queue: a ``NegativeQueue``, read as ``shared_negatives=queue.negatives, shared_negative_ids=queue.ids``.
         chunk_size: checked as ``infonce`` checks it, then ignored: it does not change the value.
         engine: checked, then ignored: this is the exact formula, which ``"pml"`` matches except where PML caps a
             term at ``-log(tiny)``.
@@ -195,6 +202,9 @@ def reference_infonce(
         margin_strategy=margin_strategy,
     )
     _check_run(chunk_size, engine, gather_across_devices, in_batch)
+    shared_negatives, shared_negative_ids = from_queue(
+        queue, shared_negatives, shared_negative_ids, positive_ids, anchors
+    )
     spec = check_inputs(
         anchors,
         positives,
@@ -204,10 +214,12 @@ def reference_infonce(
         in_batch=in_batch,
         positive_ids=positive_ids,
         negative_ids=negative_ids,
+        shared_negative_ids=shared_negative_ids,
     )
     _check_guide(guide, opts.margin, anchors, positives, negatives, shared_negatives)
     _check_reducer(loss_fn, spec.k)
-    x = _data(anchors, positives, negatives, negatives_mask, shared_negatives, positive_ids, negative_ids, guide)
+    x = _data(anchors, positives, negatives, negatives_mask, shared_negatives, positive_ids, negative_ids,
+              shared_negative_ids, guide)  # fmt: skip
     return _reduce(loss_fn, _losses(x, opts), _f64(anchors), spec.k).to(device=spec.device, dtype=spec.dtype)
 
 
@@ -310,7 +322,9 @@ def _candidates(x: _Data, i: int, opts: _Options) -> dict[str, list[_Candidate]]
     def no_clash(cands: list[_Candidate]) -> list[_Candidate]:
         return [c for c in cands if c.id is None or c.id not in clash]
 
-    shared = [_Candidate(x.shared[s], x.gs[s], "shared", None) for s in range(len(x.shared))]
+    shared = [
+        _Candidate(x.shared[s], x.gs[s], "shared", None if x.sid is None else x.sid[s]) for s in range(len(x.shared))
+    ]
     others = [c for j in range(n) if j != i for c in _docs(x, j)] if opts.in_batch else []
     anchors = [_Candidate(x.a[j], x.ga[j], "anchor", None) for j in range(n) if j != i]
     blocks = {_A2P: no_clash(_own(x, i) + shared + others), _P2A: anchors, _A2A: anchors, _P2P: no_clash(others)}
@@ -325,6 +339,7 @@ def _data(
     shared: torch.Tensor | None,
     positive_ids: torch.Tensor | None,
     negative_ids: torch.Tensor | None,
+    shared_negative_ids: torch.Tensor | None,
     guide: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
 ) -> _Data:
     n, d = anchors.shape
@@ -344,6 +359,7 @@ def _data(
         keep=[[True] * neg.shape[1]] * n if mask is None else mask.tolist(),
         pid=None if positive_ids is None else positive_ids.reshape(n, k).tolist(),
         nid=None if negative_ids is None else negative_ids.tolist(),
+        sid=None if shared_negative_ids is None else shared_negative_ids.tolist(),
         ga=_vectors(_unit(ga)),
         gp=_grid(_unit(gp).reshape(n, k, -1)),
         gn=_grid(_unit(gn)),
@@ -437,10 +453,9 @@ def _loss_fn_parts(temperature: object, loss_fn: object, similarity: object) -> 
         return make(), 0.07 if temperature is None else temperature
     if not isinstance(loss_fn, NTXentLoss):
         raise TypeError(f"`loss_fn` must be a pytorch_metric_learning NTXentLoss; got {type(loss_fn).__name__}")
-    cls = type(loss_fn)
-    if cls.compute_loss is not NTXentLoss.compute_loss or cls._compute_loss is not NTXentLoss._compute_loss:
+    if not plain_ntxent(loss_fn):  # PML's NTXentLoss, a subclass that only configures it, or pt.NTXentLoss
         raise NotImplementedError(
-            f"{cls.__name__} overrides NTXentLoss's loss; the reference computes NTXentLoss's own formula only"
+            f"{type(loss_fn).__name__} overrides NTXentLoss's loss; the reference computes NTXentLoss's own formula"
         )
     for name, value in (("temperature", temperature), ("similarity", similarity)):
         if value is not None:

@@ -1,5 +1,5 @@
-"""Fixtures (``device``, with CUDA skipped with a reason when absent, and ``dtype``; their lists live in helpers.py)
-and the ``sweep`` marker.
+"""Fixtures (``device``, with CUDA skipped with a reason when absent, and ``dtype``; their lists live in helpers.py;
+``one_thread``) and the ``sweep`` marker.
 
 Fast run: ``python -m pytest -m "not slow"`` deselects notebooks, multi-process runs, subprocesses, benchmarks,
 the peers and most cases of the exhaustive sweeps. A test marked ``@pytest.mark.sweep(fast=k)`` keeps ``k`` of its
@@ -10,6 +10,7 @@ full run (``python -m pytest``) runs every case.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -24,6 +25,15 @@ def device(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(params=DTYPES)
 def dtype(request: pytest.FixtureRequest) -> torch.dtype:
     return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Train on one thread, as the demo's and the examples' commands do: faster for their tiny matrices."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.hookimpl(tryfirst=True)  # before the mark plugin deselects by `-m`

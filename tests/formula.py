@@ -47,6 +47,7 @@ def infonce_loop(
     in_batch: bool = False,
     pos_ids: torch.Tensor | None = None,
     neg_ids: torch.Tensor | None = None,
+    shared_ids: torch.Tensor | None = None,
     sim: str = "cosine",
     reduction: str = "mean",
     directions: tuple[str, ...] = (A2P,),
@@ -106,6 +107,7 @@ def infonce_loop(
     pid = None if pos_ids is None else pos_ids.reshape(n, -1).tolist()
     nid = None if neg_ids is None else neg_ids.tolist()
     sh = None if shared is None else shared.double()
+    sid = None if shared_ids is None else shared_ids.tolist()
 
     # guide vectors: the given guide, or the detached embeddings themselves
     if guide is None:
@@ -139,7 +141,10 @@ def infonce_loop(
         # A2P candidates of anchor i as (vector, guide vector, id, kind); the same for each of its positives
         cands = [(*doc, "own") for doc in negs(i)]
         if sh is not None:
-            cands += [(sh[s], None if gs is None else gs[s], None, "shared") for s in range(sh.shape[0])]
+            cands += [
+                (sh[s], None if gs is None else gs[s], None if sid is None else sid[s], "shared")
+                for s in range(sh.shape[0])
+            ]
         if in_batch:
             for j in range(n):
                 if j != i:

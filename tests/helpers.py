@@ -177,6 +177,7 @@ FORMULA_NAMES = {
     "in_batch": "in_batch",
     "positive_ids": "pos_ids",
     "negative_ids": "neg_ids",
+    "shared_negative_ids": "shared_ids",
     # the retrieval options have the same names in both
     **{name: name for name in RETRIEVAL_OPTIONS},
 }
@@ -204,7 +205,7 @@ def formula(
         return unit(x) if dist.unit else x
 
     kw = {FORMULA_NAMES[key]: value for key, value in options.items()}
-    for key in ("mask", "pos_ids", "neg_ids"):
+    for key in ("mask", "pos_ids", "neg_ids", "shared_ids"):
         if kw.get(key) is not None:
             kw[key] = kw[key].cpu()
     kw["shared"] = prep(kw.get("shared"))

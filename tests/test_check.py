@@ -15,7 +15,7 @@ import torch
 import pml_triplets as pt
 from pml_triplets import check
 
-CASES = {"plain", "mask", "K=3 positives", "shared negatives", "in-batch+ids+mask,K=2", *check.RETRIEVAL}
+CASES = {"plain", "mask", "K=3 positives", "shared negatives+ids", "in-batch+ids+mask,K=2", *check.RETRIEVAL}
 EXPECTED_DTYPES = {"float64", "float32", "float16", "bfloat16"}  # on every device, the CPU included
 
 

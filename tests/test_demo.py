@@ -7,7 +7,6 @@ import importlib.util
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +21,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 A2P, P2A = "anchor_to_positive", "positive_to_anchor"
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Train on one thread as ``main`` does: faster for these tiny matrices, and what the demo's numbers used."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: as the commands train (the numbers used it)
 
 
 @pytest.fixture(scope="module")

@@ -62,9 +62,12 @@ def draw(seed: int) -> tuple[dict[str, Any], dict[str, Any], str, str, bool]:
         opt["in_batch"] = True
     if m and rng.random() < 0.4:
         opt["negatives_mask"] = torch.rand(n, m, generator=g) < 0.6
-    if rng.random() < 0.4 and (m or opt["in_batch"]):
+    shared = "shared_negatives" in x
+    if rng.random() < 0.4 and (m or opt["in_batch"] or shared):
         opt["positive_ids"] = torch.randint(0, 4, tuple(x["positives"].shape[:-1]), generator=g)
-        if m and (rng.random() < 0.7 or not opt["in_batch"]):
+        if shared and (rng.random() < 0.7 or not (m or opt["in_batch"])):
+            opt["shared_negative_ids"] = torch.randint(0, 4, (2,), generator=g)
+        if m and (rng.random() < 0.7 or not (opt["in_batch"] or "shared_negative_ids" in opt)):
             opt["negative_ids"] = torch.randint(0, 4, (n, m), generator=g)
     opt |= retrieval(rng, opt["in_batch"])
     if "false_negative_margin" in opt and "shared_negatives" not in x and rng.random() < 0.5:

@@ -192,6 +192,11 @@ def compile_kwargs(case: str) -> dict[str, Any]:
         "negatives-mask": {"negatives_mask": torch.rand(6, 3, generator=g) > 0.3},
         "ids": ids,
         "shared-negatives": {"shared_negatives": torch.randn(4, 8, generator=g, dtype=F64)},
+        "shared-ids": {  # issue 22: a queue's rows with their ids
+            "shared_negatives": torch.randn(4, 8, generator=g, dtype=F64),
+            "shared_negative_ids": torch.tensor([0, 1, 2, 9]),
+            "positive_ids": torch.randint(0, 4, (6,), generator=g),
+        },
     }
     return table[case]
 
@@ -208,6 +213,7 @@ COMPILE_CASES = [
         ("negatives-mask", "aot_eager"),
         ("ids", "aot_eager"),
         ("shared-negatives", "aot_eager"),
+        ("shared-ids", "aot_eager"),
     )
 ]
 

@@ -16,12 +16,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from .data import load_digits_split
 from .model import embed, make_embedder
 from .report import evaluate, format_table, save_figure
-from .training import BATCH_SIZE, EPOCHS, HARD_POOL_FACTOR, LR, NEGATIVES, TEMPERATURE, train
+from .training import BATCH_SIZE, EPOCHS, HARD_POOL_FACTOR, LR, NEGATIVES, TEMPERATURE, torch_threads, train
 from .triplets import fewest_other_class
 
 PROG = "python -m pml_triplets demo"
@@ -100,12 +98,8 @@ def execute(args: argparse.Namespace) -> int:
     if problem := out_problem(Path(args.out)):
         print(f"error: --out {args.out}: {problem}", file=sys.stderr)
         return 2
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def out_problem(out: Path) -> str | None:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from collections.abc import Iterator, Mapping
@@ -275,3 +276,14 @@ def _progress_bar(epochs: int) -> tqdm[int]:
     from tqdm import tqdm
 
     return tqdm(total=epochs, desc="training", unit="epoch", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``count`` inside the block, and put back after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

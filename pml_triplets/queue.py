@@ -1,0 +1,171 @@
+"""A queue of negatives with ids (MoCo, cross-batch memory) for ``infonce(..., queue=queue)``.
+
+Memory banks give many negatives without big batches (He et al. 2020, "Momentum Contrast"; Wang et al. 2020,
+"Cross-Batch Memory"). PML's ``CrossBatchMemory`` tells positives from negatives by labels; predefined triplets have
+none, and a queue can hold an earlier copy of an anchor's own positive, which would then be its negative. Here each
+queued row keeps the id of the item it embeds, and the loss drops a queued row whose id is one of the anchor's
+positive ids, as ``negative_ids`` does for per-anchor negatives.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from . import _distributed
+
+__all__ = ["NegativeQueue"]
+
+UNKNOWN = -1  # the id of a row enqueued without ids: it never equals a positive id (ids are >= 0)
+
+
+class NegativeQueue(nn.Module):
+    """A ring buffer of ``size`` detached embeddings ``[size, dim]`` and their int64 ids, oldest overwritten first.
+
+    The embeddings and ids are registered buffers, and the fill count is saved with them (``get_extra_state``), so
+    ``state_dict()``, ``.to(device)``, checkpoints and resuming work. Only filled rows are ever negatives: a fresh
+    queue holds none, whatever its buffers contain.
+
+    Pass it to :func:`~pml_triplets.infonce` (or ``InfoNCE.forward``, or ``cached_step``) as ``queue=``: the same
+    as ``shared_negatives=queue.negatives, shared_negative_ids=queue.ids``. Ids are the items' ids (>= 0, the
+    ``positive_ids`` of the loss); rows enqueued without ids get ``-1`` and never clash.
+
+    Args:
+        size: the number of rows the queue holds (>= 1).
+        dim: the embedding width d (>= 1).
+        dtype: the embeddings' dtype (enqueued rows are cast to it).
+        device: where the buffers live (``.to()`` moves them later).
+
+    Example:
+        >>> import torch, pml_triplets as pt
+        >>> queue = pt.NegativeQueue(size=6, dim=4)
+        >>> queue.enqueue(torch.randn(4, 4), ids=torch.arange(4))
+        >>> queue.enqueue(torch.randn(4, 4), ids=torch.arange(4, 8))  # overwrites the two oldest rows
+        >>> len(queue), queue.ids.tolist()
+        (6, [6, 7, 2, 3, 4, 5])
+        >>> a, p = torch.randn(2, 4), torch.randn(2, 4)
+        >>> loss = pt.infonce(a, p, queue=queue, positive_ids=torch.tensor([2, 9]))  # row id 2: not a[0]'s negative
+    """
+
+    embeddings: torch.Tensor
+    item_ids: torch.Tensor
+
+    def __init__(
+        self, size: int, dim: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    ) -> None:
+        """Allocate the buffers; the queue starts empty."""
+        super().__init__()
+        for name, value in (("size", size), ("dim", dim)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"`{name}` must be an int; got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"`{name}` must be >= 1; got {value}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"`dtype` must be a floating torch.dtype; got {dtype!r}")
+        self.size, self.dim = int(size), int(dim)
+        self.register_buffer("embeddings", torch.zeros(self.size, self.dim, dtype=dtype, device=device))
+        self.register_buffer("item_ids", torch.full((self.size,), UNKNOWN, dtype=torch.long, device=device))
+        self.count = 0  # rows enqueued since the last reset: a Python int, so reading it never syncs a device
+        self.has_ids = False  # whether a row was enqueued with ids since the last reset
+
+    def __len__(self) -> int:
+        """The number of filled rows, ``min(count, size)``."""
+        return min(self.count, self.size)
+
+    @property
+    def negatives(self) -> torch.Tensor:
+        """``[len(self), dim]``: the filled rows (a view of the buffer, in slot order)."""
+        return self.embeddings[: len(self)]
+
+    @property
+    def ids(self) -> torch.Tensor:
+        """``[len(self)]`` int64: the filled rows' ids, ``-1`` where unknown."""
+        return self.item_ids[: len(self)]
+
+    @torch.no_grad()
+    def enqueue(
+        self, embeddings: torch.Tensor, ids: torch.Tensor | None = None, *, gather_across_devices: bool = False
+    ) -> None:
+        """Store ``embeddings`` ``[B, dim]`` (detached) and their ``ids`` ``[B]`` (ints), oldest rows overwritten.
+
+        With ``gather_across_devices`` under ``torch.distributed``, every rank enqueues every rank's rows in rank
+        order (ranks may hold different B), so the queues stay identical. Of more than ``size`` rows, the last
+        ``size`` are kept.
+        """
+        x, given = self._check(embeddings, ids), ids is not None
+        ids = torch.full((x.shape[0],), UNKNOWN, dtype=torch.long, device=x.device) if ids is None else ids.long()
+        if not isinstance(gather_across_devices, bool):
+            raise TypeError(f"`gather_across_devices` must be a bool; got {type(gather_across_devices).__name__}")
+        if gather_across_devices and _distributed.world()[1] > 1:
+            gathered, _, _ = _distributed.gather_rows([x, ids], x.shape[0], names=("embeddings", "ids"))
+            x, ids = cast(list[torch.Tensor], gathered)
+        b = x.shape[0]
+        kept = min(b, self.size)
+        slots = (self.count + b - kept + torch.arange(kept, device=self.embeddings.device)) % self.size
+        self.embeddings[slots] = x[b - kept :].to(self.embeddings)
+        self.item_ids[slots] = ids[b - kept :].to(self.item_ids.device)
+        self.count += b
+        self.has_ids = self.has_ids or given
+
+    def _check(self, embeddings: object, ids: object) -> torch.Tensor:
+        if not isinstance(embeddings, torch.Tensor) or not embeddings.is_floating_point():
+            got = embeddings.dtype if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
+            raise TypeError(f"`embeddings` must be a floating-point torch.Tensor; got {got}")
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
+            raise ValueError(f"`embeddings` must be [B, dim] = [B, {self.dim}]; got {list(embeddings.shape)}")
+        if ids is not None:
+            if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dtype == torch.bool:
+                got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+                raise TypeError(f"`ids` must be an integer torch.Tensor; got {got}")
+            if tuple(ids.shape) != (embeddings.shape[0],):
+                raise ValueError(f"`ids` must be [B] = [{embeddings.shape[0]}]; got {list(ids.shape)}")
+            if ids.device != embeddings.device:
+                raise ValueError(f"`ids` is on {ids.device} but `embeddings` is on {embeddings.device}")
+        return embeddings.detach()
+
+    def reset(self) -> None:
+        """Empty the queue (the buffers keep their values; no row is a negative until enqueued again)."""
+        self.count, self.has_ids = 0, False
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The fill count (and whether ids were given), saved in ``state_dict()`` beside the buffers."""
+        return {"count": self.count, "has_ids": self.has_ids}
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore the fill count from ``state_dict()``."""
+        self.count, self.has_ids = int(state["count"]), bool(state["has_ids"])
+
+    def extra_repr(self) -> str:
+        """Size, width, dtype and how many rows are filled."""
+        return f"size={self.size}, dim={self.dim}, dtype={self.embeddings.dtype}, filled={len(self)}"
+
+
+def from_queue(
+    queue: object,
+    shared: torch.Tensor | None,
+    shared_ids: torch.Tensor | None,
+    positive_ids: torch.Tensor | None,
+    anchors: object,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(shared_negatives, shared_negative_ids)`` as the loss takes them: from ``queue=`` when it is given.
+
+    The filled rows (none while the queue is empty), in the anchors' dtype (under autocast, say), and their ids
+    whenever ``positive_ids`` are given.
+    """
+    if queue is None:
+        return shared, shared_ids
+    if not isinstance(queue, NegativeQueue):
+        raise TypeError(f"`queue` must be a pml_triplets.NegativeQueue; got {type(queue).__name__}")
+    if shared is not None or shared_ids is not None:
+        raise ValueError("pass either `queue` or `shared_negatives` (and `shared_negative_ids`), not both")
+    if queue.has_ids and positive_ids is None:
+        raise ValueError(
+            "`queue` holds ids, which exclude the queued copies of an anchor's own positives: pass `positive_ids`"
+        )
+    rows = queue.negatives
+    if isinstance(anchors, torch.Tensor) and anchors.is_floating_point() and anchors.dtype != rows.dtype:
+        rows = rows.to(anchors.dtype)
+    return rows, None if positive_ids is None else queue.ids

@@ -112,7 +112,7 @@ TARGET = Case("article", 512, 32)
 
 def cases(quick: bool) -> list[Case]:
     if quick:
-        return [Case("article", 16, 4), Case("labels", 32), Case("labels", 64)]
+        return [Case("article", 16, 4), Case("labels", 64)]
     return [TARGET, Case("labels", 512), Case("labels", 2048)]
 
 

@@ -89,14 +89,16 @@ def chunk_loss(opts: Options, k: int, tau: Temperature, r: Rows, ctx: Context) -
     sim = opts.similarity
     fill = torch.finfo(r.a.dtype).min  # finite: an anchor with no negatives gets loss 0 and zero (not NaN) grads
     # With a linear similarity, 1/τ is folded into the queries: (C, d) divisions instead of one per logit.
-    qa, qp, scale = (r.a / tau, r.p / tau, None) if sim.linear else (r.a, r.p, tau)
+    qa, scale = (r.a / tau, None) if sim.linear else (r.a, tau)
+    qp = r.p / tau if sim.linear and (P2P in opts.directions or P2A in opts.directions) else r.p  # (as queries)
 
     def logits(s: torch.Tensor) -> torch.Tensor:
         return s if scale is None else s / scale
 
     if ctx.pool is not None and k == 1 and opts.plain and ctx.pool_ids is None and ctx.shared is None:
         return _plain_in_batch(logits(sim.block(qa, ctx.pool)), r, ctx, fill)
-    pos = logits(sim.rows(qa, r.p))  # (C, K)
+    raw = ctx.pool is None and sim.fused  # per-anchor positives and negatives as given: the similarity normalizes
+    pos = logits(sim.rows(qa, r.p, raw))  # (C, K)
     cand = None if ctx.pool is None else logits(sim.block(qa, ctx.pool))  # (C, R) the in-batch block's logits
     strength, tau_value = opts.hardness_strength, tau.detach() if isinstance(tau, torch.Tensor) else tau
     limit, g_in_batch = _guides(opts, k, r, ctx, pos, cand, tau_value)
@@ -149,12 +151,9 @@ class _LogSumExp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # (the calling convention whose apply binds no signature)
+        ctx.save_for_backward(x)
         return torch.logsumexp(x, dim=-1)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
-        ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
@@ -184,7 +183,8 @@ def _blocks(
 
     if r.neg is not None:
         g = None if r.gn is None or r.ga is None else torch.bmm(r.gn, r.ga[:, :, None]).squeeze(-1)  # (C, M)
-        yield "own", block(logits(sim.rows(qa, r.neg)), None, None if r.valid is None else ~r.valid, g)
+        raw = ctx.pool is None and sim.fused  # as in chunk_loss
+        yield "own", block(logits(sim.rows(qa, r.neg, raw)), None, None if r.valid is None else ~r.valid, g)
     if ctx.shared is not None:
         g = None if ctx.g_shared is None or r.ga is None else r.ga @ ctx.g_shared.T  # (C, S)
         yield "shared", block(logits(sim.block(qa, ctx.shared)), None, shared_excluded(r, ctx), g)

@@ -157,9 +157,10 @@ def _layout(opts: Options, batch: Batch) -> tuple[Rows, Context]:
     norm = partial(_normalize, opts, spec)
     shared = None if batch.shared is None else norm(batch.shared)
     ctx = Context(shared, _unit(batch.shared) if unit else None, batch.sid)
-    if not opts.in_batch:
-        neg = None if everyone[1] is None else norm(everyone[1])
-        return Rows(norm(a), norm(p), neg, valid, rows, None, pid, ga, gp, gn), ctx
+    if not opts.in_batch:  # rows the similarity normalizes itself (fused) stay as they are
+        rows_of = partial(_normalize, opts, spec, fused=opts.dense and opts.similarity.fused)
+        neg = None if everyone[1] is None else rows_of(everyone[1])
+        return Rows(norm(a), rows_of(p), neg, valid, rows, None, pid, ga, gp, gn), ctx
     ctx = _pool(everyone, unused, total, spec, norm, ctx)
     assert ctx.pool is not None
     # This rank's rows are in the pool already normalized (and gathered): take them from it.
@@ -174,13 +175,16 @@ def _layout(opts: Options, batch: Batch) -> tuple[Rows, Context]:
     return Rows(own_a, own_p, own_neg, valid, rows, own, pid, ga, gp, gn), ctx
 
 
-def _normalize(opts: Options, spec: Spec, x: torch.Tensor) -> torch.Tensor:
-    """``x`` as the dense engine compares it: normalized as the distance would (the PML engine does it itself)."""
+def _normalize(opts: Options, spec: Spec, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """``x`` as the dense engine compares it: normalized as the distance would (the PML engine does it itself).
+
+    ``fused``: left as it is, for a similarity that normalizes it on the fly.
+    """
     if spec.dtype == torch.float16 and opts.similarity.normalizes:
         # normalize's Jacobian at a zero row is I/eps ~ 1e12, which float16 turns into inf: zero rows (padding)
         # get no gradient instead. Their value is unchanged (normalize maps them to 0).
         x = torch.where((x == 0).all(dim=-1, keepdim=True), x.detach(), x)
-    return opts.similarity.normalize(x) if opts.dense else x
+    return opts.similarity.normalize(x) if opts.dense and not fused else x
 
 
 def _unused(

@@ -6,6 +6,9 @@ NT-Xent enters a distance negated (``s = -d``) and a similarity as it is, after 
 * ``rows(q, r)``: ``q`` (C, d) against its own rows ``r`` (C, M, d) -> (C, M) (an anchor's positives, its negatives);
 * ``block(q, r)``: ``q`` (C, d) against every row of ``r`` (R, d) -> (C, R) (shared and in-batch candidates).
 
+For the cosine similarity, ``rows`` also takes the rows as they are (``raw=True``) and normalizes them on the fly
+(:func:`._fused.unit_rows`): no normalized copy of the (C, M, d) negatives, the largest tensor of a per-anchor call.
+
 ``compute_mat`` is only ever called on 2-D inputs (PML before 2.9 rejects 3-D ones); for a distance the module does
 not know, ``rows`` maps it over the anchors with ``torch.vmap``.
 """
@@ -18,6 +21,8 @@ from typing import Literal, cast
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.distances import BaseDistance, DotProductSimilarity, LpDistance
+
+from ._fused import unit_rows
 
 __all__: list[str] = []  # private module
 
@@ -53,6 +58,15 @@ class Similarity:
         return self.linear and (d is None or (bool(d.normalize_embeddings) and d.p == 2))
 
     @property
+    def fused(self) -> bool:
+        """``rows`` takes raw rows: the cosine similarity (normalized by ``F.normalize``'s rule), or a plain dot."""
+        d = self.distance
+        plain = d is None or (
+            type(d).normalize is BaseDistance.normalize and type(d).maybe_normalize is BaseDistance.maybe_normalize
+        )
+        return self.linear and plain and (self.cosine or not self.normalizes)
+
+    @property
     def normalizes(self) -> bool:
         return self.distance is None or bool(self.distance.normalize_embeddings)
 
@@ -69,10 +83,15 @@ class Similarity:
             mat = mat**self.distance.power
         return mat if self.distance.is_inverted else -mat
 
-    def rows(self, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        """``s(q[c], r[c, j])`` for normalized ``q`` (C, d) and ``r`` (C, J, d) -> (C, J)."""
-        if self.kind == "dot":
-            mat = torch.bmm(r, q[:, :, None]).squeeze(-1)  # (C, J)
+    def rows(self, q: torch.Tensor, r: torch.Tensor, raw: bool = False) -> torch.Tensor:
+        """``s(q[c], r[c, j])`` for normalized ``q`` (C, d) and ``r`` (C, J, d) -> (C, J).
+
+        ``raw``: ``r`` as given, normalized here (only where :attr:`fused`).
+        """
+        if raw and self.normalizes:
+            return self._finish(unit_rows(q, r))
+        if self.kind == "dot":  # (C, 1, d) x (C, d, J): a batched gemv twice as fast as (C, J, d) x (C, d, 1)
+            mat = torch.matmul(q[:, None, :], r.mT).squeeze(1)  # (C, J)
         elif self.kind == "lp":
             assert self.distance is not None
             mat = torch.cdist(q[:, None], r, p=self.distance.p).squeeze(1)  # (C, J)

@@ -1,0 +1,142 @@
+"""The cosine similarity of each anchor with its own rows, normalizing the rows on the fly, with its own backward.
+
+``unit_rows(q, r)`` is ``<q[c], r[c, j] / max(‖r[c, j]‖, eps)>``, (C, J) for ``q`` (C, d) and ``r`` (C, J, d):
+``F.normalize``'s rule for ``r`` (``q`` is normalized, and divided by τ, by the caller). The per-anchor negatives
+are the largest tensor of a call; through ``F.normalize`` and autograd they would be copied normalized, and the
+backward would write three temporaries of their size. Here the forward pass reads ``r`` twice (norms, dots) and
+writes (C, J) tensors only; the backward reads it twice and writes one tensor of its size, the gradient:
+
+* ``∂/∂q[c] = Σ_j u[c, j] r[c, j]``,
+* ``∂/∂r[c, j] = u[c, j] q[c] - u[c, j] <q[c], r[c, j]> / den[c, j]² · r[c, j]`` (the second term only where the
+  norm is not clamped),
+
+with ``u = g / den`` and ``den = max(‖r‖, eps)``. Three ways in, one math:
+
+* eager: :class:`_EagerUnitRows`, an ``autograd.Function`` (a recorded backward, for second derivatives,
+  recomputes norms and dots from ``q`` and ``r``); under ``torch.func`` transforms :class:`_UnitRows`, the same
+  with ``setup_context`` and ``generate_vmap_rule``;
+* ``torch.compile`` (torch >= 2.4): the ``pml_triplets::unit_rows`` custom op and its backward op, which the
+  compiler calls as they are (tracing them, it turned the batched matrix-vector products into slower loops: 105 ms
+  against 72 ms eager at N=4096, M=64, d=128 on 2 CPU threads).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._validation import is_compiling, transformed
+
+__all__: list[str] = []  # private module
+
+_EPS = 1e-12  # F.normalize's default
+
+
+def unit_rows(q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """(C, J) cosines-on-the-fly ``<q[c], r[c, j]> / max(‖r[c, j]‖, eps)`` for ``q`` (C, d), ``r`` (C, J, d).
+
+    Example:
+        >>> import torch
+        >>> q, r = torch.eye(2), torch.tensor([[[3.0, 4.0]], [[0.0, -2.0]]])
+        >>> unit_rows(q, r)
+        tensor([[ 0.6000],
+                [-1.0000]])
+    """
+    if is_compiling():
+        return (_OP or _UnitRows.apply)(q, r)[0]  # type: ignore[no-any-return]
+    return (_UnitRows if transformed() else _EagerUnitRows).apply(q, r)[0]  # type: ignore[no-untyped-call,no-any-return]
+
+
+def _forward(q: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(s, norms, dots)``, each (C, J)."""
+    norm = torch.linalg.vector_norm(r, dim=-1)
+    dots = torch.matmul(q[:, None, :], r.mT).squeeze(1)  # (C, 1, d) x (C, d, J): twice as fast as (C, J, d) x (C, d, 1)
+    return dots / norm.clamp_min(_EPS), norm, dots
+
+
+def _backward(
+    g: torch.Tensor, q: torch.Tensor, r: torch.Tensor, norm: torch.Tensor, dots: torch.Tensor, want: tuple[bool, bool]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(∂/∂q, ∂/∂r)`` for the output's gradient ``g`` (C, J); None where ``want`` says it is not needed."""
+    den = norm.clamp_min(_EPS)
+    u = g / den  # (C, J)
+    gq = torch.matmul(u[:, None, :], r).squeeze(1) if want[0] else None  # (C, d)
+    if not want[1]:
+        return gq, None
+    w = torch.where(norm > _EPS, -u * dots / den.square(), 0.0)  # (C, J) the radial part; none where clamped
+    gr = r * w[..., None]  # (C, J, d): the one tensor of r's size written; u ⊗ q is added to it in place
+    if transformed() or (torch.is_grad_enabled() and not is_compiling()):  # no in-place batching rule; recorded
+        return gq, torch.baddbmm(gr, u[..., None], q[:, None, :])
+    return gq, gr.baddbmm_(u[..., None], q[:, None, :])
+
+
+class _UnitRows(torch.autograd.Function):
+    """For torch.func transforms: ``setup_context`` and a generated vmap rule."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _forward(q, r)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: tuple[torch.Tensor, ...]) -> None:
+        # s is not saved: the caller may change it in place (a mask, a fill)
+        ctx.save_for_backward(*inputs, *output[1:])
+        ctx.mark_non_differentiable(*output[1:])
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor, *_: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        q, r, norm, dots = ctx.saved_tensors
+        if torch.is_grad_enabled():  # recorded (create_graph): norms and dots as functions of q and r
+            norm, dots = _forward(q, r)[1:]
+        return _backward(g, q, r, norm, dots, ctx.needs_input_grad[:2])
+
+
+class _EagerUnitRows(_UnitRows):
+    """Eager mode: the same, with ``forward(ctx, ...)``, whose ``apply`` binds no signature (0.05 ms a call)."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        output = _forward(q, r)
+        _UnitRows.setup_context(ctx, (q, r), output)
+        return output
+
+    setup_context = torch.autograd.Function.setup_context  # not defined: the old calling convention
+
+
+def _custom_op() -> Any:
+    """``pml_triplets::unit_rows`` with its backward op registered as its autograd formula; None before torch 2.4."""
+    if not hasattr(torch.library, "custom_op"):
+        return None
+    schema = "(Tensor q, Tensor r) -> (Tensor, Tensor, Tensor)"
+    op = torch.library.custom_op("pml_triplets::unit_rows", _forward, mutates_args=(), schema=schema)
+
+    def bwd(g: torch.Tensor, q: torch.Tensor, r: torch.Tensor, norm: torch.Tensor, dots: torch.Tensor) -> Any:
+        with torch.no_grad():  # an op's kernel: nothing here is recorded
+            return _backward(g, q, r, norm, dots, (True, True))
+
+    schema = "(Tensor g, Tensor q, Tensor r, Tensor norm, Tensor dots) -> (Tensor, Tensor)"
+    back = torch.library.custom_op("pml_triplets::unit_rows_backward", bwd, mutates_args=(), schema=schema)
+
+    @op.register_fake
+    def _(q: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s = q.new_empty(r.shape[:-1])
+        return s, torch.empty_like(s), torch.empty_like(s)
+
+    @back.register_fake
+    def _(g: torch.Tensor, q: torch.Tensor, r: torch.Tensor, norm: torch.Tensor, dots: torch.Tensor) -> Any:
+        return torch.empty_like(q), torch.empty_like(r)
+
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor, ...], output: tuple[torch.Tensor, ...]) -> None:
+        ctx.save_for_backward(*inputs, *output[1:])
+
+    def backward(ctx: Any, g: torch.Tensor, *_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return back(g, *ctx.saved_tensors)  # type: ignore[no-any-return]
+
+    op.register_autograd(backward, setup_context=setup_context)
+    return op
+
+
+_OP = _custom_op()

@@ -14,10 +14,10 @@
 #   1. tests     python -m pytest -k cuda                          the CUDA cases of the test suite
 #   2. check     python -m pml_triplets check                      adapter vs reference, every device and dtype
 #   3. eager     bench_loss.py, the default grid, every method     -> DIR/eager/results.md (and .png)
-#   4. compiled  bench_loss.py --compile only, the configurations the targets read, methods floor, pml_triplets,
-#                pml_triplets[fullgraph], info-nce-pytorch          -> DIR/compiled/
+#   4. compiled  bench_loss.py --compile (eager, then compiled), the configurations the targets read, methods
+#                floor, pml_triplets, pml_triplets[fullgraph], fused, info-nce-pytorch -> DIR/compiled/
 #   5. large     N=8192, M=64, d=768, per-anchor and in-batch, float32 then bfloat16, eager and compiled,
-#                methods floor, pml_triplets, pml_triplets[fullgraph], info-nce-pytorch -> DIR/large-DTYPE/
+#                methods floor, pml_triplets, pml_triplets[fullgraph], fused, info-nce-pytorch -> DIR/large-DTYPE/
 # At the end: each step's exit status, and every results.md's targets. Exit status 1 if any step failed.
 set -uo pipefail
 
@@ -29,7 +29,7 @@ while [ $# -gt 0 ]; do
         --no-compile) COMPILE=0; shift ;;
         --out) OUT=${2:?--out needs a value}; shift 2 ;;
         --steps) STEPS=${2:?--steps needs a value}; shift 2 ;;
-        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) echo "gpu.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -44,7 +44,7 @@ cd "$(dirname "$0")/.."
 [ -n "$OUT" ] || OUT="benchmarks/out/gpu-$DEVICE$([ "$QUICK" = 1 ] && echo -quick)"
 mkdir -p "$OUT"
 BENCH=(benchmarks/bench_loss.py --device "$DEVICE")
-FAST="floor,pml_triplets,pml_triplets[fullgraph],info-nce-pytorch"
+FAST="floor,pml_triplets,pml_triplets[fullgraph],fused,info-nce-pytorch"
 if [ "$QUICK" = 1 ]; then
     # Tiny sizes, one repeat, no CPU memory subprocesses: every step runs, in about 2 minutes of 2-core CPU time.
     SIZES=(--d 16 --repeats 1 --many 1 --no-memory --threads 1)
@@ -58,8 +58,8 @@ else
     GRID=()
     # The compiled run is limited to the configurations some target reads: compiling costs seconds per graph.
     TARGET_GRID=()
-    for c in pa:128:4 pa:512:4 pa:512:32 pa:2048:8 pa:4096:32 pa:4096:64 ib:256:8 ib:1024:8 ib:2048:8 \
-        ib:1024:8:4dir ib:1024:8:hardness ib:1024:8:guide; do
+    for c in pa:128:4 pa:512:4 pa:512:32 pa:2048:8 pa:2048:32 pa:4096:32 pa:4096:64 pa:16384:16:d256 ib:256:8 \
+        ib:1024:8 ib:2048:8 ib:1024:8:4dir ib:1024:8:hardness ib:1024:8:guide; do
         TARGET_GRID+=(--config "$c")
     done
     LARGE=(--config pa:8192:64 --config ib:8192:64 --d 768 --repeats 5)
@@ -92,7 +92,7 @@ step tests "$PY" -m pytest -k cuda -p no:cacheprovider -q -rs
 step check "$PY" -m pml_triplets check
 step eager "$PY" "${BENCH[@]}" "${SIZES[@]}" "${GRID[@]}" --out "$OUT/eager"
 if [ "$COMPILE" = 1 ]; then
-    step compiled "$PY" "${BENCH[@]}" "${SIZES[@]}" "${TARGET_GRID[@]}" --compile only --methods "$FAST" \
+    step compiled "$PY" "${BENCH[@]}" "${SIZES[@]}" "${TARGET_GRID[@]}" --compile both --methods "$FAST" \
         --out "$OUT/compiled"
 fi
 for dtype in float32 bfloat16; do

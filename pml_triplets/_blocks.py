@@ -137,8 +137,12 @@ def block_lse(block: Block, limit: torch.Tensor | None, hardness: Temperature | 
             x, in_place = x[:, None, :], False  # (C, 1, X)
     if drop is not None:
         x = x.masked_fill_(drop, fill) if in_place and drop.shape == x.shape else x.masked_fill(drop, fill)
-    lse = torch.logsumexp(x, dim=-1) if is_compiling() or transformed() else _LogSumExp.apply(x)  # type: ignore[no-untyped-call]
+    plain = is_compiling() or transformed() or x.numel() < _SMALL_BLOCK
+    lse = torch.logsumexp(x, dim=-1) if plain else _LogSumExp.apply(x)  # type: ignore[no-untyped-call]
     return lse if lse.ndim == 2 else lse[:, None]
+
+
+_SMALL_BLOCK = 1 << 16  # logits: below it, autograd's own log-sum-exp (no Python backward, 2 spare tensors are KBs)
 
 
 class _LogSumExp(torch.autograd.Function):

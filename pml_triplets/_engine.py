@@ -138,6 +138,9 @@ def auto_chunk(opts: Options, spec: Spec, ctx: Context) -> int:
 def _layout(opts: Options, batch: Batch) -> tuple[Rows, Context]:
     """The chunkable rows and what every chunk compares with, normalized as the distance would normalize them."""
     spec, a, p, neg, pid, nid = batch.spec, batch.a, batch.p, batch.neg, batch.pid, batch.nid
+    fused = opts.dense and opts.similarity.fused and not opts.in_batch  # per-anchor rows normalized on the fly
+    if neg is not None and not fused:  # (fused, half-precision negatives are cast block by block)
+        neg = neg.to(a.dtype)
     # Without a guide, the model's own cosines: the dense engine's logits themselves when it computes cosines (no
     # guide tensors then), else the detached unit embeddings.
     unit = opts.false_negative_margin is not None and batch.guide is None and not opts.similarity.cosine
@@ -158,7 +161,7 @@ def _layout(opts: Options, batch: Batch) -> tuple[Rows, Context]:
     shared = None if batch.shared is None else norm(batch.shared)
     ctx = Context(shared, _unit(batch.shared) if unit else None, batch.sid)
     if not opts.in_batch:  # rows the similarity normalizes itself (fused) stay as they are
-        rows_of = partial(_normalize, opts, spec, fused=opts.dense and opts.similarity.fused)
+        rows_of = partial(_normalize, opts, spec, fused=fused)
         neg = None if everyone[1] is None else rows_of(everyone[1])
         return Rows(norm(a), rows_of(p), neg, valid, rows, None, pid, ga, gp, gn), ctx
     ctx = _pool(everyone, unused, total, spec, norm, ctx)

@@ -90,6 +90,7 @@ class Similarity:
         """
         if raw and self.normalizes:
             return self._finish(unit_rows(q, r))
+        r = r.to(q.dtype)  # raw half-precision rows of a plain dot product
         if self.kind == "dot":  # (C, 1, d) x (C, d, J): a batched gemv twice as fast as (C, J, d) x (C, d, 1)
             mat = torch.matmul(q[:, None, :], r.mT).squeeze(1)  # (C, J)
         elif self.kind == "lp":

@@ -41,7 +41,10 @@ class Spec:
 
 @dataclass(frozen=True)
 class Batch:
-    """One call's data in the engine's form and working dtype (float32 for half inputs)."""
+    """One call's data in the engine's form and working dtype (float32 for half inputs), but for the negatives.
+
+    The negatives keep their dtype: the engine casts them, block by block where the similarity is fused.
+    """
 
     spec: Spec
     a: torch.Tensor  # (N, d)
@@ -296,9 +299,9 @@ def prepare(data: Data, in_batch: bool, filtering: bool, hardness_mode: str | No
     work = torch.float32 if spec.dtype in (torch.float16, torch.bfloat16) else spec.dtype
     guides = _check_guide(guide, spec, positives, filtering, shared is not None, work)
     n, k = spec.n, spec.k
-    neg, shared = (None if x is None else x.to(work) for x in (negatives, shared))
+    shared = None if shared is None else shared.to(work)
     p, pid = positives.to(work).reshape(n, k, -1), None if pid is None else pid.reshape(n, k)
-    return Batch(spec, anchors.to(work), p, neg, mask, shared, pid, nid, sid, guides)
+    return Batch(spec, anchors.to(work), p, negatives, mask, shared, pid, nid, sid, guides)
 
 
 def _check_guide(

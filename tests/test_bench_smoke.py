@@ -65,6 +65,27 @@ def test_floor_equals_the_loop_formula(in_batch: bool, option: str | None) -> No
         assert abs(got.item() - bench.floor_loss(a, p, n, True).item()) > 1e-3
 
 
+def test_fused_reference_equals_the_loop_formula() -> None:
+    # The bench's fused reference (its own autograd.Function): the per-anchor formula, gradients included.
+    gen = torch.Generator().manual_seed(4)
+    shapes = ((5, 6), (5, 6), (5, 3, 6))
+    a, p, n = (torch.randn(s, generator=gen, dtype=torch.float64, requires_grad=True) for s in shapes)
+    got = bench.fused_loss(a, p, n)
+    want = infonce_loop(a, p, n, bench.TAU)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad(got, (a, p, n))
+    torch.testing.assert_close(grads, torch.autograd.grad(want, (a, p, n)), rtol=1e-9, atol=1e-10)
+
+
+def test_traffic_limit_and_config_width() -> None:
+    # The limit is a positive time; a config's own d is parsed, shown and used.
+    assert 0 < bench.traffic_limit(torch.ones(64, 4, 8), 3) < 1.0
+    cfg = bench.parse_config("pa:16384:16:d256")
+    assert (cfg.n, cfg.m, cfg.d, cfg.label) == (16384, 16, 256, "pa N=16384 M=16 d=256")
+    assert cfg.dim(bench.parse(["--d", "64"])) == 256
+    assert bench.parse_config("ib:8:2:4dir").dim(bench.parse(["--d", "64"])) == 64
+
+
 def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

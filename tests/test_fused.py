@@ -140,6 +140,26 @@ def test_torch_func_grad_and_vmap_equal_the_loop() -> None:
         assert_close(grads[1][b], expected[1], **TOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_rows_are_cast_block_by_block(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    # float64 queries, half rows split into blocks of 2 anchors: the loop on the rows as rounded to half, and
+    # their gradient rounded to half once (not accumulated in half).
+    monkeypatch.setattr(_fused, "_CAST_BLOCK", 2 * 3 * 5)
+    q, r, w = problem(7, c=5)
+    r = (r / r.norm(dim=-1, keepdim=True)).to(dtype)
+    q1, r1 = q.clone().requires_grad_(), r.clone().requires_grad_()
+    s = _fused.unit_rows(q1, r1)
+    gq, gr = torch.autograd.grad((s * w).sum(), (q1, r1))
+    assert s.dtype == F64
+    assert gr.dtype == dtype
+    q2, r2 = leaves(q, r.double())
+    want = loop_rows(q2, r2)
+    expected = torch.autograd.grad((want * w).sum(), (q2, r2))
+    assert_close(s, want, **TOL)
+    assert_close(gq, expected[0], **TOL)
+    assert_close(gr, expected[1].to(dtype), rtol=torch.finfo(dtype).eps, atol=1e-30)
+
+
 # ------------------------------------------------------------------------------------------ the loss through it
 
 # Per-anchor option sets the fused rows serve: (infonce keywords, keys of helpers.batch they take)
@@ -235,9 +255,16 @@ def test_loss_gradcheck_and_gradgradcheck() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("opaque", [False, True], ids=["traced", "custom-op"])
 @pytest.mark.parametrize("name", ["plain", "mask", "K=2", "shared-ids", "hardness-own"])
-def test_compiled_fullgraph_equals_eager_gradients_included(name: str) -> None:
-    """torch.compile(fullgraph=True) with inductor: the fused rows as an opaque op (torch >= 2.4) or traced."""
+def test_compiled_fullgraph_equals_eager_gradients_included(
+    name: str, opaque: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.compile(fullgraph=True) with inductor: the fused rows traced (small rows) or as the custom op."""
+    if opaque:
+        if _fused._OP is None:
+            pytest.skip("torch.library.custom_op arrived in torch 2.4")
+        monkeypatch.setattr(_fused, "_OPAQUE", 0)
     torch._dynamo.reset()
     data, kw, _ = call(name)
     eager = pt.infonce(*data, temperature=0.2, **kw)

@@ -20,6 +20,7 @@ from pytorch_metric_learning.losses import CrossBatchMemory, NTXentLoss
 from test_distributed import run_ranks
 
 import pml_triplets as pt
+from pml_triplets import _blocks
 
 D = 5
 
@@ -178,9 +179,11 @@ def test_shared_ids_match_the_formula(option: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("in_batch", [False, True])
-def test_gradcheck_and_gradgradcheck_with_shared_ids(in_batch: bool) -> None:
+def test_gradcheck_and_gradgradcheck_with_shared_ids(in_batch: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     # The blocks' log-sum-exp has its own backward (one softmax, scaled in place): first and second derivatives
-    # against finite differences, K = 2 and a mask so that every block kind is there.
+    # against finite differences, K = 2 and a mask so that every block kind is there. (Its blocks are small: the
+    # size below which autograd's own log-sum-exp runs is lowered to 0.)
+    monkeypatch.setattr(_blocks, "_SMALL_BLOCK", 0)
     b = batch(3, 2, 4, k=2, s=3, seed=9, ids=3)
     kw = {"negatives_mask": b["negatives_mask"], "positive_ids": b["positive_ids"], "in_batch": in_batch}
     kw["shared_negative_ids"] = torch.tensor([0, 1, 2])

@@ -17,10 +17,9 @@ one math:
 * eager: :class:`_EagerUnitRows`, an ``autograd.Function`` (a recorded backward, for second derivatives,
   recomputes norms and dots from ``q`` and ``r``); under ``torch.func`` transforms :class:`_UnitRows`, the same
   with ``setup_context`` and ``generate_vmap_rule``;
-* ``torch.compile``: the same Function, traced and fused with the rest; from ``_OPAQUE`` elements of ``r`` on
-  (torch >= 2.4), the ``pml_triplets::unit_rows`` custom op and its backward op, which the compiler calls as they
-  are (traced, the batched products became slower loops: 105 ms against 72 ms eager at N=4096, M=64, d=128 on 2
-  CPU threads; at N=512, M=32 tracing wins, 2.0 against 3.7 ms).
+* ``torch.compile``: :class:`_UnitRows` traced, its products written elementwise, which the compiler fuses into
+  passes over ``r`` (traced as batched matrix products they became slower loops: 105 ms against 72 ms eager at
+  N=4096, M=64, d=128 on 2 CPU threads).
 """
 
 from __future__ import annotations
@@ -28,13 +27,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ._validation import is_compiling, transformed
 
 __all__: list[str] = []  # private module
 
 _EPS = 1e-12  # F.normalize's default
-_OPAQUE = 1 << 23  # elements of r from which torch.compile calls the custom op rather than tracing the math
 _CAST_BLOCK = 1 << 22  # elements of r per block when half-precision rows are computed in float32 (16 MB)
 
 
@@ -48,9 +47,45 @@ def unit_rows(q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         tensor([[ 0.6000],
                 [-1.0000]])
     """
-    if is_compiling():  # big rows: the op as it is; small ones: traced, fused with their neighbours
-        return (_OP if _OP is not None and r.numel() >= _OPAQUE else _UnitRows.apply)(q, r)[0]  # type: ignore[no-any-return]
-    return (_UnitRows if transformed() else _EagerUnitRows).apply(q, r)[0]  # type: ignore[no-untyped-call,no-any-return]
+    eager = not (is_compiling() or transformed())
+    return (_EagerUnitRows if eager else _UnitRows).apply(q, r)[0]  # type: ignore[no-untyped-call,no-any-return]
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """``x / max(‖x‖, eps)`` over the last dim, ``F.normalize``'s rule, with a backward of one pass in eager mode.
+
+    ``F.normalize``'s backward goes through the division, the clamp and the norm (five temporaries of x's size);
+    here ``∂/∂x = (g - y <g, y>) / den`` (``<g, y>`` not subtracted where the norm is clamped). Compiled and under
+    torch.func transforms it is ``F.normalize`` itself.
+
+    Example:
+        >>> import torch
+        >>> unit(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
+        tensor([[0.6000, 0.8000],
+                [0.0000, 0.0000]])
+    """
+    if is_compiling() or transformed():
+        return F.normalize(x, dim=-1)
+    return _EagerUnit.apply(x)  # type: ignore[no-untyped-call,no-any-return]
+
+
+class _EagerUnit(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        y: torch.Tensor = x / norm.clamp_min(_EPS)
+        ctx.save_for_backward(x, y, norm)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        x, y, norm = ctx.saved_tensors
+        if torch.is_grad_enabled():  # recorded (create_graph): y and the norm as functions of x
+            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+            y = x / norm.clamp_min(_EPS)
+        dot = torch.where(norm > _EPS, (g * y).sum(-1, keepdim=True), 0.0)
+        grad: torch.Tensor = (g - y * dot) / norm.clamp_min(_EPS)
+        return grad
 
 
 def _forward(q: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,9 +99,10 @@ def _forward(q: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 def _forward_block(q: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     norm = torch.linalg.vector_norm(r, dim=-1)
-    # A few rows per anchor (a positive): elementwise; more: (C, 1, d) x (C, d, J), a batched product twice as fast
-    # as (C, J, d) x (C, d, 1) (2 CPU threads; 2.4x at J = 1 the other way round).
-    dots = (r * q[:, None, :]).sum(-1) if r.shape[1] <= 4 else torch.matmul(q[:, None, :], r.mT).squeeze(1)
+    # Compiled, or a few rows per anchor (a positive): elementwise (the compiler fuses it with the norms: one pass);
+    # else (C, 1, d) x (C, d, J), a batched product twice as fast as (C, J, d) x (C, d, 1) on 2 CPU threads.
+    elementwise = r.shape[1] <= 4 or is_compiling()
+    dots = (r * q[:, None, :]).sum(-1) if elementwise else torch.matmul(q[:, None, :], r.mT).squeeze(1)
     return dots / norm.clamp_min(_EPS), norm, dots
 
 
@@ -106,8 +142,9 @@ def _backward_block(
     den = norm.clamp_min(_EPS)
     u = g / den  # (C, J)
     gq = None
-    if want[0]:  # (C, d); one row per anchor: a product, not C batched (1, 1) x (1, d) products (5x faster)
-        gq = r[:, 0] * u if r.shape[1] == 1 else torch.matmul(u[:, None, :], r).squeeze(1)
+    if want[0]:  # (C, d); compiled or one row per anchor: elementwise (not C batched (1, 1) x (1, d) products)
+        elementwise = r.shape[1] == 1 or is_compiling()
+        gq = (r * u[..., None]).sum(1) if elementwise else torch.matmul(u[:, None, :], r).squeeze(1)
     if not want[1]:
         return gq, None
     w = torch.where(norm > _EPS, -u * dots / den.square(), 0.0)  # (C, J) the radial part; none where clamped
@@ -150,39 +187,3 @@ class _EagerUnitRows(_UnitRows):
         return output
 
     setup_context = torch.autograd.Function.setup_context  # not defined: the old calling convention
-
-
-def _custom_op() -> Any:
-    """``pml_triplets::unit_rows`` with its backward op registered as its autograd formula; None before torch 2.4."""
-    if not hasattr(torch.library, "custom_op"):
-        return None
-    schema = "(Tensor q, Tensor r) -> (Tensor, Tensor, Tensor)"
-    op = torch.library.custom_op("pml_triplets::unit_rows", _forward, mutates_args=(), schema=schema)
-
-    def bwd(g: torch.Tensor, q: torch.Tensor, r: torch.Tensor, norm: torch.Tensor, dots: torch.Tensor) -> Any:
-        with torch.no_grad():  # an op's kernel: nothing here is recorded
-            return _backward(g, q, r, norm, dots, (True, True))
-
-    schema = "(Tensor g, Tensor q, Tensor r, Tensor norm, Tensor dots) -> (Tensor, Tensor)"
-    back = torch.library.custom_op("pml_triplets::unit_rows_backward", bwd, mutates_args=(), schema=schema)
-
-    @op.register_fake
-    def _(q: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        s = q.new_empty(r.shape[:-1])
-        return s, torch.empty_like(s), torch.empty_like(s)
-
-    @back.register_fake
-    def _(g: torch.Tensor, q: torch.Tensor, r: torch.Tensor, norm: torch.Tensor, dots: torch.Tensor) -> Any:
-        return torch.empty_like(q), torch.empty_like(r)
-
-    def setup_context(ctx: Any, inputs: tuple[torch.Tensor, ...], output: tuple[torch.Tensor, ...]) -> None:
-        ctx.save_for_backward(*inputs, *output[1:])
-
-    def backward(ctx: Any, g: torch.Tensor, *_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return back(g, *ctx.saved_tensors)  # type: ignore[no-any-return]
-
-    op.register_autograd(backward, setup_context=setup_context)
-    return op
-
-
-_OP = _custom_op()

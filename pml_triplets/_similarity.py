@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from typing import Literal, cast
 
 import torch
-import torch.nn.functional as F
 from pytorch_metric_learning.distances import BaseDistance, DotProductSimilarity, LpDistance
 
-from ._fused import unit_rows
+from ._fused import unit, unit_rows
 
 __all__: list[str] = []  # private module
 
@@ -60,10 +59,7 @@ class Similarity:
     @property
     def fused(self) -> bool:
         """``rows`` takes raw rows: the cosine similarity (normalized by ``F.normalize``'s rule), or a plain dot."""
-        d = self.distance
-        plain = d is None or (
-            type(d).normalize is BaseDistance.normalize and type(d).maybe_normalize is BaseDistance.maybe_normalize
-        )
+        plain = self.distance is None or _plain(self.distance)
         return self.linear and plain and (self.cosine or not self.normalizes)
 
     @property
@@ -72,9 +68,10 @@ class Similarity:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Rows normalized as the distance would (over the last dim), or ``x`` unchanged."""
-        if self.distance is None:
-            return F.normalize(x, dim=-1)
-        return cast(torch.Tensor, self.distance.maybe_normalize(x, dim=-1))
+        d = self.distance
+        if d is None or (self.normalizes and d.p == 2 and _plain(d)):  # F.normalize(x, dim=-1)'s rule
+            return unit(x)
+        return cast(torch.Tensor, d.maybe_normalize(x, dim=-1))
 
     def _finish(self, mat: torch.Tensor) -> torch.Tensor:
         if self.distance is None:
@@ -123,3 +120,9 @@ class Similarity:
             assert self.distance is not None
             mat = self.distance.compute_mat(q, r)
         return self._finish(mat)
+
+
+def _plain(distance: BaseDistance) -> bool:
+    """Whether ``distance`` normalizes as ``BaseDistance`` does (``F.normalize``), not by a method of its own."""
+    kind = type(distance)
+    return kind.normalize is BaseDistance.normalize and kind.maybe_normalize is BaseDistance.maybe_normalize

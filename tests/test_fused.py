@@ -160,6 +160,50 @@ def test_half_rows_are_cast_block_by_block(dtype: torch.dtype, monkeypatch: pyte
     assert_close(gr, expected[1].to(dtype), rtol=torch.finfo(dtype).eps, atol=1e-30)
 
 
+def test_half_negatives_are_never_cast_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Through the loss: bfloat16 negatives reach the fused rows uncast and are cast two anchors at a time.
+    monkeypatch.setattr(_fused, "_CAST_BLOCK", 2 * 4 * 5)
+    seen: list[tuple[torch.dtype, int, int]] = []  # (dtype, rows per anchor, anchors) of each block
+    real = _fused._forward_block
+
+    def spy_block(q: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        seen.append((r.dtype, r.shape[1], r.shape[0]))
+        return real(q, r)
+
+    monkeypatch.setattr(_fused, "_forward_block", spy_block)
+    data, kw, _ = call("mask", dtype=torch.bfloat16)
+    pt.infonce(*data, **kw).backward()
+    negatives = [anchors for dtype, rows, anchors in seen if rows == 4]  # (the positives: float32 already, 1 row)
+    assert {dtype for dtype, _, _ in seen} == {torch.float32}
+    assert sum(negatives) == 6  # 6 anchors, 2 at a time
+    assert max(negatives) == 2
+    assert data[2].grad is not None
+    assert data[2].grad.dtype == torch.bfloat16
+
+
+def test_unit_equals_the_loop_and_normalizes_rule() -> None:
+    # unit(x) = x / max(‖x‖, 1e-12), row by row: values and gradients against the loop (rows of very different
+    # lengths and a zero row, whose Jacobian is I / eps as F.normalize's), then finite differences.
+    _, r, _ = problem(8)
+    x = r.reshape(-1, r.shape[-1]).clone()
+    x[3] = 0.0
+    w = randn(gen(9), *x.shape)
+    x1 = x.clone().requires_grad_()
+    y = _fused.unit(x1)
+    (got,) = torch.autograd.grad((y * w).sum(), x1)
+    x2 = x.clone().requires_grad_()
+    norms = torch.stack([torch.sqrt(sum(row[k] * row[k] for k in range(x.shape[1]))) for row in x2])
+    want = x2 / torch.clamp(norms, min=1e-12)[:, None]
+    (expected,) = torch.autograd.grad((want * w).sum(), x2)
+    assert_close(y, want, **TOL)
+    rows = torch.arange(x.shape[0]) != 3  # (the loop's sqrt has no derivative at 0: the zero row by its closed form)
+    assert_close(got[rows], expected[rows], rtol=1e-10, atol=1e-10)
+    assert_close(got[3], w[3] / 1e-12, rtol=1e-12, atol=0.0)
+    moderate = randn(gen(10), 4, 5).requires_grad_()  # (norms near 2: finite differences stay accurate)
+    assert torch.autograd.gradcheck(_fused.unit, (moderate,))
+    assert torch.autograd.gradgradcheck(_fused.unit, (moderate,))
+
+
 # ------------------------------------------------------------------------------------------ the loss through it
 
 # Per-anchor option sets the fused rows serve: (infonce keywords, keys of helpers.batch they take)
@@ -255,16 +299,9 @@ def test_loss_gradcheck_and_gradgradcheck() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("opaque", [False, True], ids=["traced", "custom-op"])
 @pytest.mark.parametrize("name", ["plain", "mask", "K=2", "shared-ids", "hardness-own"])
-def test_compiled_fullgraph_equals_eager_gradients_included(
-    name: str, opaque: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """torch.compile(fullgraph=True) with inductor: the fused rows traced (small rows) or as the custom op."""
-    if opaque:
-        if _fused._OP is None:
-            pytest.skip("torch.library.custom_op arrived in torch 2.4")
-        monkeypatch.setattr(_fused, "_OPAQUE", 0)
+def test_compiled_fullgraph_equals_eager_gradients_included(name: str) -> None:
+    """torch.compile(fullgraph=True) with inductor: the fused rows traced, their products written elementwise."""
     torch._dynamo.reset()
     data, kw, _ = call(name)
     eager = pt.infonce(*data, temperature=0.2, **kw)

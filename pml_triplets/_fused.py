@@ -73,16 +73,16 @@ class _EagerUnit(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        ctx.save_for_backward(x, norm)  # not y: the caller may let it go (the in-batch pool is a copy of its parts)
         y: torch.Tensor = x / norm.clamp_min(_EPS)
-        ctx.save_for_backward(x, y, norm)
         return y
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
-        x, y, norm = ctx.saved_tensors
-        if torch.is_grad_enabled():  # recorded (create_graph): y and the norm as functions of x
+        x, norm = ctx.saved_tensors
+        if torch.is_grad_enabled():  # recorded (create_graph): the norm as a function of x
             norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-            y = x / norm.clamp_min(_EPS)
+        y = x / norm.clamp_min(_EPS)
         dot = torch.where(norm > _EPS, (g * y).sum(-1, keepdim=True), 0.0)
         grad: torch.Tensor = (g - y * dot) / norm.clamp_min(_EPS)
         return grad

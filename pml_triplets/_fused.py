@@ -1,5 +1,6 @@
-"""The cosine similarity of each anchor with its own rows, normalizing the rows on the fly, with its own backward;
-and ``unit(x)``, ``F.normalize``'s rule with a one-pass backward, for every other tensor the dense engine normalizes.
+"""The cosine similarity of each anchor with its own rows, normalizing the rows on the fly, with its own backward.
+
+(And ``unit(x)``, ``F.normalize``'s rule with a one-pass backward, for every other tensor the engine normalizes.)
 
 ``unit_rows(q, r)`` is ``<q[c], r[c, j] / max(‖r[c, j]‖, eps)>``, (C, J) for ``q`` (C, d) and ``r`` (C, J, d):
 ``F.normalize``'s rule for ``r`` (``q`` is normalized, and divided by τ, by the caller). The per-anchor negatives

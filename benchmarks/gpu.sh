@@ -14,8 +14,8 @@
 #   1. tests     python -m pytest -k cuda                          the CUDA cases of the test suite
 #   2. check     python -m pml_triplets check                      adapter vs reference, every device and dtype
 #   3. eager     bench_loss.py, the default grid, every method     -> DIR/eager/results.md (and .png)
-#   4. compiled  bench_loss.py --compile (eager, then compiled), the configurations the targets read, methods
-#                floor, pml_triplets, pml_triplets[fullgraph], fused, info-nce-pytorch -> DIR/compiled/
+#   4. compiled  bench_loss.py --compile only, the configurations the targets read, methods floor, pml_triplets
+#                (and, uncompiled, pml_triplets[eager]), pml_triplets[fullgraph], fused, info-nce-pytorch -> DIR/compiled/
 #   5. large     N=8192, M=64, d=768, per-anchor and in-batch, float32 then bfloat16, eager and compiled,
 #                methods floor, pml_triplets, pml_triplets[fullgraph], fused, info-nce-pytorch -> DIR/large-DTYPE/
 # At the end: each step's exit status, and every results.md's targets. Exit status 1 if any step failed.
@@ -92,7 +92,7 @@ step tests "$PY" -m pytest -k cuda -p no:cacheprovider -q -rs
 step check "$PY" -m pml_triplets check
 step eager "$PY" "${BENCH[@]}" "${SIZES[@]}" "${GRID[@]}" --out "$OUT/eager"
 if [ "$COMPILE" = 1 ]; then
-    step compiled "$PY" "${BENCH[@]}" "${SIZES[@]}" "${TARGET_GRID[@]}" --compile both --methods "$FAST" \
+    step compiled "$PY" "${BENCH[@]}" "${SIZES[@]}" "${TARGET_GRID[@]}" --compile only --methods "$FAST" \
         --out "$OUT/compiled"
 fi
 for dtype in float32 bfloat16; do

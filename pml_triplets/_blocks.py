@@ -88,22 +88,28 @@ def chunk_loss(opts: Options, k: int, tau: Temperature, r: Rows, ctx: Context) -
     """The (C*K,) losses of one chunk's terms, anchor-major."""
     sim = opts.similarity
     fill = torch.finfo(r.a.dtype).min  # finite: an anchor with no negatives gets loss 0 and zero (not NaN) grads
-    # With a linear similarity, 1/τ is folded into the queries: (C, d) divisions instead of one per logit.
-    qa, scale = (r.a / tau, None) if sim.linear else (r.a, tau)
+    raw = ctx.pool is None and sim.fused  # per-anchor positives and negatives as given: the similarity normalizes
+    # With a linear similarity, 1/τ is folded into the queries: (C, d) divisions instead of one per logit; where the
+    # fused rows are the only blocks and τ is a number, into their (C, J) outputs (no scaled copy, no backward).
+    alone = raw and ctx.shared is None and ctx.anchors is None
+    row_scale = 1.0 / tau if alone and not isinstance(tau, torch.Tensor) else None
+    qa, scale = (r.a, None) if row_scale is not None else (r.a / tau, None) if sim.linear else (r.a, tau)
     qp = r.p / tau if sim.linear and (P2P in opts.directions or P2A in opts.directions) else r.p  # (as queries)
 
     def logits(s: torch.Tensor) -> torch.Tensor:
         return s if scale is None else s / scale
 
+    def own_rows(x: torch.Tensor) -> torch.Tensor:  # (C, J, d) -> (C, J) logits: positives, own negatives
+        return logits(sim.rows(qa, x, raw, 1.0 if row_scale is None else row_scale))
+
     if ctx.pool is not None and k == 1 and opts.plain and ctx.pool_ids is None and ctx.shared is None:
         return _plain_in_batch(logits(sim.block(qa, ctx.pool)), r, ctx, fill)
-    raw = ctx.pool is None and sim.fused  # per-anchor positives and negatives as given: the similarity normalizes
-    pos = logits(sim.rows(qa, r.p, raw))  # (C, K)
+    pos = own_rows(r.p)  # (C, K)
     cand = None if ctx.pool is None else logits(sim.block(qa, ctx.pool))  # (C, R) the in-batch block's logits
     strength, tau_value = opts.hardness_strength, tau.detach() if isinstance(tau, torch.Tensor) else tau
     limit, g_in_batch = _guides(opts, k, r, ctx, pos, cand, tau_value)
     lses: dict[str, torch.Tensor] = {}  # block -> (C, K) or (C, 1) log-sum-exp of its candidates
-    for name, block in _blocks(opts, logits, qa, qp, r, ctx, cand, g_in_batch):
+    for name, block in _blocks(opts, logits, own_rows, qa, qp, r, ctx, cand, g_in_batch):
         hard = opts.hardness_mode in _HARDENED.get(name, ())
         lses[name] = block_lse(block, limit, strength * tau_value if hard else None, fill)
     a2p = [lses.pop(name) for name in ("own", "shared", "in_batch") if name in lses]
@@ -170,6 +176,7 @@ class _LogSumExp(torch.autograd.Function):
 def _blocks(
     opts: Options,
     logits: Callable[[torch.Tensor], torch.Tensor],
+    own_rows: Callable[[torch.Tensor], torch.Tensor],
     qa: torch.Tensor,
     qp: torch.Tensor,
     r: Rows,
@@ -187,8 +194,7 @@ def _blocks(
 
     if r.neg is not None:
         g = None if r.gn is None or r.ga is None else torch.bmm(r.gn, r.ga[:, :, None]).squeeze(-1)  # (C, M)
-        raw = ctx.pool is None and sim.fused  # as in chunk_loss
-        yield "own", block(logits(sim.rows(qa, r.neg, raw)), None, None if r.valid is None else ~r.valid, g)
+        yield "own", block(own_rows(r.neg), None, None if r.valid is None else ~r.valid, g)
     if ctx.shared is not None:
         g = None if ctx.g_shared is None or r.ga is None else r.ga @ ctx.g_shared.T  # (C, S)
         yield "shared", block(logits(sim.block(qa, ctx.shared)), None, shared_excluded(r, ctx), g)

@@ -39,8 +39,10 @@ _EPS = 1e-12  # F.normalize's default
 _CAST_BLOCK = 1 << 22  # elements of r per block when half-precision rows are computed in float32 (16 MB)
 
 
-def unit_rows(q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """(C, J) cosines-on-the-fly ``<q[c], r[c, j]> / max(‖r[c, j]‖, eps)`` for ``q`` (C, d), ``r`` (C, J, d).
+def unit_rows(q: torch.Tensor, r: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """(C, J) cosines-on-the-fly ``scale * <q[c], r[c, j]> / max(‖r[c, j]‖, eps)`` for ``q`` (C, d), ``r`` (C, J, d).
+
+    ``scale``: a number (``1/τ``), applied to the (C, J) output: no scaled (C, d) copy of ``q`` and its backward.
 
     Example:
         >>> import torch
@@ -50,7 +52,7 @@ def unit_rows(q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
                 [-1.0000]])
     """
     eager = not (is_compiling() or transformed())
-    return (_EagerUnitRows if eager else _UnitRows).apply(q, r)[0]  # type: ignore[no-untyped-call,no-any-return]
+    return (_EagerUnitRows if eager else _UnitRows).apply(q, r, scale)[0]  # type: ignore[no-untyped-call,no-any-return]
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
@@ -84,31 +86,34 @@ class _EagerUnit(torch.autograd.Function):
         x, norm = ctx.saved_tensors
         if torch.is_grad_enabled():  # recorded (create_graph): the norm as a function of x
             norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        y = x / norm.clamp_min(_EPS)
-        dot = torch.where(norm > _EPS, (g * y).sum(-1, keepdim=True), 0.0)
-        grad: torch.Tensor = (g - y * dot) / norm.clamp_min(_EPS)
-        return grad
+        inv = norm.clamp_min(_EPS).reciprocal()  # (..., 1)
+        # (g - y <g, y>) / den with y = x / den: g / den - x <g, x> / den³, two tensors of x's size written (five
+        # through y); glibc returns freed heap tops to the system, and each fresh temporary page-faults again.
+        c = torch.where(norm > _EPS, (g * x).sum(-1, keepdim=True), 0.0) * inv.pow(3)  # (..., 1)
+        grad: torch.Tensor = g * inv
+        return torch.addcmul(grad, x, c, value=-1) if torch.is_grad_enabled() else grad.addcmul_(x, c, value=-1)
 
 
-def _forward(q: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(s, norms, dots)``, each (C, J) in ``q``'s dtype; half-precision ``r`` cast block by block."""
+def _forward(q: torch.Tensor, r: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(s, norms, dots)``, each (C, J) in ``q``'s dtype, ``dots`` unscaled; half-precision ``r`` cast by blocks."""
     if r.dtype == q.dtype:
-        return _forward_block(q, r)
-    parts = [_forward_block(qb, rb.to(q.dtype)) for qb, rb in zip(*_blocks(q, r), strict=True)]
+        return _forward_block(q, r, scale)
+    parts = [_forward_block(qb, rb.to(q.dtype), scale) for qb, rb in zip(*_anchor_blocks(q, r), strict=True)]
     s, norm, dots = (torch.cat(x) for x in zip(*parts, strict=True))
     return s, norm, dots
 
 
-def _forward_block(q: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward_block(q: torch.Tensor, r: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     norm = torch.linalg.vector_norm(r, dim=-1)
     # Compiled, or a few rows per anchor (a positive): elementwise (the compiler fuses it with the norms: one pass);
     # else (C, 1, d) x (C, d, J), a batched product twice as fast as (C, J, d) x (C, d, 1) on 2 CPU threads.
-    elementwise = r.shape[1] <= 4 or is_compiling()
+    elementwise = r.shape[1] <= 2 or is_compiling()
     dots = (r * q[:, None, :]).sum(-1) if elementwise else torch.matmul(q[:, None, :], r.mT).squeeze(1)
-    return dots / norm.clamp_min(_EPS), norm, dots
+    s = dots / norm.clamp_min(_EPS)
+    return (s if scale == 1.0 else s * scale), norm, dots
 
 
-def _blocks(q: torch.Tensor, r: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+def _anchor_blocks(q: torch.Tensor, r: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """``q`` and ``r`` split into blocks of anchors whose rows hold about ``_CAST_BLOCK`` elements."""
     size = max(1, _CAST_BLOCK // max(1, r.shape[1] * r.shape[2]))
     return q.split(size), r.split(size)
@@ -117,13 +122,13 @@ def _blocks(q: torch.Tensor, r: torch.Tensor) -> tuple[tuple[torch.Tensor, ...],
 def _backward(
     g: torch.Tensor, q: torch.Tensor, r: torch.Tensor, norm: torch.Tensor, dots: torch.Tensor, want: tuple[bool, bool]
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(∂/∂q, ∂/∂r)`` for the output's gradient ``g`` (C, J); None where ``want`` says it is not needed.
+    """``(∂/∂q, ∂/∂r)`` for the gradient ``g`` (C, J) of the unscaled output; None where ``want`` says so.
 
     Half-precision ``r``: block by block in ``q``'s dtype, each block's ``∂/∂r`` written into ``r``'s dtype.
     """
     if r.dtype == q.dtype:
         return _backward_block(g, q, r, norm, dots, want)
-    qs, rs = _blocks(q, r)
+    qs, rs = _anchor_blocks(q, r)
     sizes = [b.shape[0] for b in qs]
     blocks = zip(g.split(sizes), qs, rs, norm.split(sizes), dots.split(sizes), strict=True)
     parts = [_backward_block(gb, qb, rb.to(q.dtype), nb, db, want) for gb, qb, rb, nb, db in blocks]
@@ -144,9 +149,13 @@ def _backward_block(
     den = norm.clamp_min(_EPS)
     u = g / den  # (C, J)
     gq = None
-    if want[0]:  # (C, d); compiled or one row per anchor: elementwise (not C batched (1, 1) x (1, d) products)
-        elementwise = r.shape[1] == 1 or is_compiling()
-        gq = (r * u[..., None]).sum(1) if elementwise else torch.matmul(u[:, None, :], r).squeeze(1)
+    if want[0]:  # (C, d); compiled or one or two rows per anchor: elementwise (not C batched (1, J) x (J, d))
+        if r.shape[1] == 1:
+            gq = r[:, 0] * u  # (no (C, 1, d) temporary summed over its one row)
+        elif r.shape[1] == 2 or is_compiling():
+            gq = (r * u[..., None]).sum(1)
+        else:
+            gq = torch.matmul(u[:, None, :], r).squeeze(1)
     if not want[1]:
         return gq, None
     w = torch.where(norm > _EPS, -u * dots / den.square(), 0.0)  # (C, J) the radial part; none where clamped
@@ -162,30 +171,33 @@ class _UnitRows(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(q: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _forward(q, r)
+    def forward(q: torch.Tensor, r: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _forward(q, r, scale)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: tuple[torch.Tensor, ...]) -> None:
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor, float], output: tuple[torch.Tensor, ...]
+                      ) -> None:  # fmt: skip
         # s is not saved: the caller may change it in place (a mask, a fill)
-        ctx.save_for_backward(*inputs, *output[1:])
+        ctx.save_for_backward(*inputs[:2], *output[1:])
+        ctx.scale = inputs[2]
         ctx.mark_non_differentiable(*output[1:])
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor, *_: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def backward(ctx: Any, g: torch.Tensor, *_: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         q, r, norm, dots = ctx.saved_tensors
         if torch.is_grad_enabled():  # recorded (create_graph): norms and dots as functions of q and r
-            norm, dots = _forward(q, r)[1:]
-        return _backward(g, q, r, norm, dots, ctx.needs_input_grad[:2])
+            norm, dots = _forward(q, r, 1.0)[1:]
+        g = g if ctx.scale == 1.0 else g * ctx.scale
+        return (*_backward(g, q, r, norm, dots, ctx.needs_input_grad[:2]), None)
 
 
 class _EagerUnitRows(_UnitRows):
     """Eager mode: the same, with ``forward(ctx, ...)``, whose ``apply`` binds no signature (0.05 ms a call)."""
 
     @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
-        output = _forward(q, r)
-        _UnitRows.setup_context(ctx, (q, r), output)
+    def forward(ctx: Any, q: torch.Tensor, r: torch.Tensor, scale: float) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        output = _forward(q, r, scale)
+        _UnitRows.setup_context(ctx, (q, r, scale), output)
         return output
 
     setup_context = torch.autograd.Function.setup_context  # not defined: the old calling convention

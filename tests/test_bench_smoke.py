@@ -86,6 +86,29 @@ def test_traffic_limit_and_config_width() -> None:
     assert bench.parse_config("ib:8:2:4dir").dim(bench.parse(["--d", "64"])) == 64
 
 
+def test_compiled_against_eager_is_read_within_the_compiled_table() -> None:
+    # The compiled ≤ eager target divides compiled pml_triplets by pml_triplets[eager] of the same (compiled)
+    # table: an eager table measured at another time, however slow or fast, does not enter it.
+    a, b = bench.Config("per-anchor", 512, 4), bench.Config("in-batch", 256, 8)
+
+    def row(cfg: object, method: str, ms: float) -> object:
+        return bench.Result(cfg, method, [ms / 1e3])
+
+    eager = [row(a, "floor", 1.0), row(a, "pml_triplets", 0.1), row(b, "floor", 1.0), row(b, "pml_triplets", 0.1)]
+    compiled = [row(a, "floor", 2.0), row(a, "pml_triplets", 3.0), row(a, bench.EAGER, 4.0)]
+    compiled += [row(b, "floor", 2.0), row(b, "pml_triplets", 6.0), row(b, bench.EAGER, 5.0)]
+
+    def verdict() -> tuple[str, str, str]:
+        (found,) = [t for t in bench.targets(eager, compiled) if t[0].startswith("compiled pml_triplets time ×")]
+        return found
+
+    assert verdict()[1:] == ("1.20", "FAIL")
+    assert verdict()[0].endswith("(ib N=256 M=8)")
+    compiled[-1] = row(b, bench.EAGER, 12.0)  # 6/12: now the worst is pa N=512 M=4, 3/4
+    assert verdict()[1:] == ("0.75", "PASS")
+    assert verdict()[0].endswith("(pa N=512 M=4)")
+
+
 def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -94,18 +117,30 @@ def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.slow
 def test_quick_grid_writes_table_and_plot(tmp_path: Path) -> None:
-    # One thread: the run is shorter on a busy machine. The timeout only guards against a hang (about 1 min
-    # normally, with a dozen short-lived memory subprocesses).
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--repeats", "1", "--many", "1", "--threads", "1"]
+    # One thread: the run is shorter on a busy machine. Time only: the memory subprocesses (two seconds each, most
+    # of it importing torch) are run by the next test. The timeout only guards against a hang.
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--repeats", "1", "--many", "1", "--threads", "1", "--no-memory"]
     _run([*cmd, "--out", str(tmp_path)], timeout=600)
     table = (tmp_path / "results.md").read_text()
-    for method in ("floor", "pml_triplets", "pml_triplets[pml]", "recipe"):
+    for method in ("floor", "pml_triplets", "pml_triplets[pml]", "fused", "recipe"):
         assert f"| per-anchor | 64 | 4 | {method} |" in table
     for option in bench.OPTIONS:
         assert f"| in-batch + {option} | 32 | 4 | pml_triplets |" in table
     assert "## Targets" in table
     assert "## Compiled" not in table
     assert (tmp_path / "results.png").read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.slow
+def test_memory_subprocesses_fill_the_peak_column(tmp_path: Path) -> None:
+    # One configuration, two methods: each method's peak measured in its own subprocess (--worker).
+    cmd = [sys.executable, str(SCRIPT), "--config", "pa:64:4", "--methods", "pml_triplets", "--d", "16"]
+    _run([*cmd, "--repeats", "1", "--many", "1", "--threads", "1", "--out", str(tmp_path)], timeout=600)
+    table = (tmp_path / "results.md").read_text()
+    for method in ("floor", "pml_triplets"):
+        (line,) = [x for x in table.splitlines() if x.startswith(f"| per-anchor | 64 | 4 | {method} |")]
+        peak = line.split("|")[8].strip()  # | mode | N | M | method | time | ×floor | ×limit | peak MB | ...
+        assert float(peak) >= 0.0, line
 
 
 @pytest.mark.slow

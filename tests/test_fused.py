@@ -46,13 +46,13 @@ def problem(seed: int, c: int = 4, j: int = 3, d: int = 5) -> tuple[torch.Tensor
 
 @pytest.fixture
 def spy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts calls of the fused forward (eager, torch.func and custom-op paths all go through it)."""
+    """Counts calls of the fused forward (eager, torch.func and compiled paths all go through it)."""
     calls: list[int] = []
     real = _fused._forward
 
-    def counted(q: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def counted(q: torch.Tensor, r: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         calls.append(r.shape[1])
-        return real(q, r)
+        return real(q, r, scale)
 
     monkeypatch.setattr(_fused, "_forward", counted)
     return calls
@@ -61,14 +61,15 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 # ------------------------------------------------------------------------------------------------ unit_rows alone
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_value_and_gradients_equal_the_loop(seed: int) -> None:
+@pytest.mark.parametrize(("seed", "scale"), [(0, 1.0), (1, 1.0), (2, 1.0), (0, 1 / 0.07), (1, -3.0)])
+def test_value_and_gradients_equal_the_loop(seed: int, scale: float) -> None:
+    # scale: 1/τ applied to the (C, J) output inside the function (the loss passes it for a number τ)
     q, r, w = problem(seed)
     q1, r1 = leaves(q, r)
-    got = _fused.unit_rows(q1, r1)
+    got = _fused.unit_rows(q1, r1, scale)
     grads = torch.autograd.grad((got * w).sum(), (q1, r1))
     q2, r2 = leaves(q, r)
-    want = loop_rows(q2, r2)
+    want = loop_rows(q2, r2) * scale
     expected = torch.autograd.grad((want * w).sum(), (q2, r2))
     assert_close(got, want, **TOL)
     for g, e in zip(grads, expected, strict=True):
@@ -78,8 +79,9 @@ def test_value_and_gradients_equal_the_loop(seed: int) -> None:
 def test_gradcheck_and_gradgradcheck() -> None:
     q, r, _ = problem(3)
     q, r = leaves(q, r / r.norm(dim=-1, keepdim=True))  # unit-ish scale: finite differences stay accurate
-    assert torch.autograd.gradcheck(_fused.unit_rows, (q, r))
-    assert torch.autograd.gradgradcheck(_fused.unit_rows, (q, r))
+    for scale in (1.0, 2.5):
+        assert torch.autograd.gradcheck(_fused.unit_rows, (q, r, scale))
+        assert torch.autograd.gradgradcheck(_fused.unit_rows, (q, r, scale))
 
 
 def test_zero_row_follows_normalizes_rule() -> None:
@@ -126,14 +128,16 @@ def test_torch_func_grad_and_vmap_equal_the_loop() -> None:
     problems = [problem(10 + b) for b in range(3)]
     qs, rs, ws = (torch.stack(parts) for parts in zip(*problems, strict=True))
 
-    def f(q: torch.Tensor, r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return (_fused.unit_rows(q, r) * w).sum()
+    scale = 1 / 0.3
 
-    values = torch.func.vmap(_fused.unit_rows)(qs, rs)
+    def f(q: torch.Tensor, r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return (_fused.unit_rows(q, r, scale) * w).sum()
+
+    values = torch.func.vmap(_fused.unit_rows, in_dims=(0, 0, None))(qs, rs, scale)
     grads = torch.func.vmap(torch.func.grad(f, argnums=(0, 1)))(qs, rs, ws)
     for b, (q, r, w) in enumerate(problems):
         q1, r1 = leaves(q, r)
-        want = loop_rows(q1, r1)
+        want = loop_rows(q1, r1) * scale
         expected = torch.autograd.grad((want * w).sum(), (q1, r1))
         assert_close(values[b], want, **TOL)
         assert_close(grads[0][b], expected[0], **TOL)
@@ -166,9 +170,9 @@ def test_half_negatives_are_never_cast_whole(monkeypatch: pytest.MonkeyPatch) ->
     seen: list[tuple[torch.dtype, int, int]] = []  # (dtype, rows per anchor, anchors) of each block
     real = _fused._forward_block
 
-    def spy_block(q: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def spy_block(q: torch.Tensor, r: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         seen.append((r.dtype, r.shape[1], r.shape[0]))
-        return real(q, r)
+        return real(q, r, scale)
 
     monkeypatch.setattr(_fused, "_forward_block", spy_block)
     data, kw, _ = call("mask", dtype=torch.bfloat16)

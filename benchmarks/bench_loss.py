@@ -47,7 +47,7 @@ and at every measured configuration, each method's warm-up value against the eag
   per-anchor only.
 
 Every table also has a ``limit`` row: the memory-traffic limit, the time to read the negatives twice and write a
-tensor of their size once (:func:`traffic_limit`, measured in the same process as the methods): what the forward
+tensor of their size once (:class:`Traffic`, sampled between the methods' timed calls): what the forward
 pass (one read) and the backward pass (one read, the gradient's write) cannot go below.
 
 ``--compile``: a second table (or, with ``--compile only``, the only one) in which every method is wrapped in
@@ -496,26 +496,35 @@ def call(fn: LossFn, inputs: Inputs) -> tuple[float, float]:
     return time.perf_counter() - start, float(loss.detach())
 
 
-def traffic_limit(negatives: torch.Tensor, repeats: int) -> float:
-    """Seconds to read the negatives twice and write a tensor of their size once, at this process's bandwidth.
+class Traffic:
+    """The memory-traffic limit: seconds to read the negatives twice and write a tensor of their size once.
 
     Forward must read them once; backward read them once and write their gradient once. Median of ``x.sum()``
-    plus median of ``y.copy_(x)`` (a read and a write) into a ``y`` already written, so no page faults.
+    plus median of ``y.copy_(x)`` (a read and a write) into a ``y`` already written, so no page faults. Sampled
+    between the methods' timed calls (:func:`measure`), so that it sees the machine they see.
     """
-    x = negatives.detach()
-    y = torch.empty_like(x).copy_(x)
-    reads, copies = [], []
-    for _ in range(max(3 * repeats, 15)):  # milliseconds each: more samples than the methods get
-        sync(x.device)
-        start = time.perf_counter()
-        x.sum()
-        sync(x.device)
-        middle = time.perf_counter()
-        y.copy_(x)
-        sync(x.device)
-        reads.append(middle - start)
-        copies.append(time.perf_counter() - middle)
-    return statistics.median(reads) + statistics.median(copies)
+
+    def __init__(self, negatives: torch.Tensor) -> None:
+        self.x = negatives.detach()
+        self.y = torch.empty_like(self.x).copy_(self.x)
+        self.reads: list[float] = []
+        self.copies: list[float] = []
+
+    def sample(self, count: int) -> None:
+        for _ in range(count):
+            sync(self.x.device)
+            start = time.perf_counter()
+            self.x.sum()
+            sync(self.x.device)
+            middle = time.perf_counter()
+            self.y.copy_(self.x)
+            sync(self.x.device)
+            self.reads.append(middle - start)
+            self.copies.append(time.perf_counter() - middle)
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(self.reads) + statistics.median(self.copies)
 
 
 def run_once(fn: LossFn, inputs: Inputs) -> float:
@@ -714,6 +723,7 @@ def measure(
         gc.collect()
     names = list(active)
     recompiled: set[str] = set()
+    traffic = Traffic(inputs[2])  # its samples are taken between the rounds of timed calls
     for r in range(max(repeats.values(), default=0)):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             if len(results[name].times) < repeats[name]:
@@ -721,12 +731,15 @@ def measure(
                 results[name].times.append(run_once(active[name], inputs))
                 if graphs_compiled() != graphs:
                     recompiled.add(name)
+        traffic.sample(3)
+    if not traffic.reads:
+        traffic.sample(max(3 * args.repeats, 15))
     for name in recompiled:  # its timed calls include compiling: a guard that fails on every call
         results[name].note = f"recompiled while timed; {results[name].note}".removesuffix("; ")
     if device.type == "cuda" and args.memory:
         for name, fn in active.items():
             results[name].peak = cuda_peak(fn, inputs)
-    limit = Result(cfg, LIMIT, [traffic_limit(inputs[2], args.repeats)], note="2 reads + 1 write of the negatives")
+    limit = Result(cfg, LIMIT, [traffic.seconds], note="2 reads + 1 write of the negatives")
     return [*results.values(), limit]
 
 

@@ -79,7 +79,10 @@ def test_fused_reference_equals_the_loop_formula() -> None:
 
 def test_traffic_limit_and_config_width() -> None:
     # The limit is a positive time; a config's own d is parsed, shown and used.
-    assert 0 < bench.traffic_limit(torch.ones(64, 4, 8), 3) < 1.0
+    traffic = bench.Traffic(torch.ones(64, 4, 8))
+    traffic.sample(3)
+    assert len(traffic.reads) == len(traffic.copies) == 3
+    assert 0 < traffic.seconds < 1.0
     cfg = bench.parse_config("pa:16384:16:d256")
     assert (cfg.n, cfg.m, cfg.d, cfg.label) == (16384, 16, 256, "pa N=16384 M=16 d=256")
     assert cfg.dim(bench.parse(["--d", "64"])) == 256

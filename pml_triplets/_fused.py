@@ -105,8 +105,9 @@ def _forward(q: torch.Tensor, r: torch.Tensor, scale: float) -> tuple[torch.Tens
 
 def _forward_block(q: torch.Tensor, r: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     norm = torch.linalg.vector_norm(r, dim=-1)
-    # Compiled, or a few rows per anchor (a positive): elementwise (the compiler fuses it with the norms: one pass);
-    # else (C, 1, d) x (C, d, J), a batched product twice as fast as (C, J, d) x (C, d, 1) on 2 CPU threads.
+    # Compiled, or one or two rows per anchor (a positive): elementwise (the compiler fuses it with the norms: one
+    # pass); else (C, 1, d) x (C, d, J), a batched product twice as fast as (C, J, d) x (C, d, 1) on 2 CPU threads,
+    # which writes no (C, J, d) temporary (eager, such a fresh temporary costs more in page faults than the product).
     elementwise = r.shape[1] <= 2 or is_compiling()
     dots = (r * q[:, None, :]).sum(-1) if elementwise else torch.matmul(q[:, None, :], r.mT).squeeze(1)
     s = dots / norm.clamp_min(_EPS)

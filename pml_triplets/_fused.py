@@ -2,8 +2,9 @@
 
 (And ``unit(x)``, ``F.normalize``'s rule with a one-pass backward, for every other tensor the engine normalizes.)
 
-``unit_rows(q, r)`` is ``<q[c], r[c, j] / max(‖r[c, j]‖, eps)>``, (C, J) for ``q`` (C, d) and ``r`` (C, J, d):
-``F.normalize``'s rule for ``r`` (``q`` is normalized, and divided by τ, by the caller). The per-anchor negatives
+``unit_rows(q, r, scale)`` is ``scale * <q[c], r[c, j] / max(‖r[c, j]‖, eps)>``, (C, J) for ``q`` (C, d) and ``r``
+(C, J, d): ``F.normalize``'s rule for ``r`` (``q`` is normalized by the caller; ``scale`` is 1/τ for a number τ, else
+1 and τ is in ``q``). The per-anchor negatives
 are the largest tensor of a call; through ``F.normalize`` and autograd they would be copied normalized, and the
 backward would write three temporaries of their size. Here the forward pass reads ``r`` twice (norms, dots) and
 writes (C, J) tensors only; the backward reads it twice and writes one tensor of its size, the gradient:
@@ -12,7 +13,7 @@ writes (C, J) tensors only; the backward reads it twice and writes one tensor of
 * ``∂/∂r[c, j] = u[c, j] q[c] - u[c, j] <q[c], r[c, j]> / den[c, j]² · r[c, j]`` (the second term only where the
   norm is not clamped),
 
-with ``u = g / den`` and ``den = max(‖r‖, eps)``. Half-precision rows are computed in ``q``'s dtype (float32) a
+with ``u = scale · g / den`` and ``den = max(‖r‖, eps)``. Half-precision rows are computed in ``q``'s dtype (float32) a
 block of anchors at a time (about 16 MB of float32 each), never as a float32 copy of the whole tensor. Two ways in,
 one math:
 

@@ -83,15 +83,12 @@ class Similarity:
     def rows(self, q: torch.Tensor, r: torch.Tensor, raw: bool = False, scale: float = 1.0) -> torch.Tensor:
         """``s(q[c], r[c, j])`` for normalized ``q`` (C, d) and ``r`` (C, J, d) -> (C, J).
 
-        ``raw``: ``r`` as given, normalized here, and the output times ``scale`` (only where :attr:`fused`).
+        ``raw``: ``r`` as given, normalized here (only where :attr:`fused`). ``scale``: a number multiplying the
+        (C, J) similarities (the caller's ``1/τ``), not the (C, d) queries.
         """
-        if raw:
-            assert self.fused
-            if self.normalizes:
-                return self._finish(unit_rows(q, r, scale))
-            mat = torch.matmul(q[:, None, :], r.to(q.dtype).mT).squeeze(1)  # raw half-precision rows: a plain dot
-            return self._finish(mat if scale == 1.0 else mat * scale)
-        assert scale == 1.0
+        if raw and self.normalizes:
+            return self._finish(unit_rows(q, r, scale))
+        r = r.to(q.dtype)  # raw half-precision rows of a plain dot product
         if self.kind == "dot":  # (C, 1, d) x (C, d, J): a batched gemv twice as fast as (C, J, d) x (C, d, 1)
             mat = torch.matmul(q[:, None, :], r.mT).squeeze(1)  # (C, J)
         elif self.kind == "lp":
@@ -99,7 +96,7 @@ class Similarity:
             mat = torch.cdist(q[:, None], r, p=self.distance.p).squeeze(1)  # (C, J)
         else:
             mat = self._generic_rows(q, r)
-        return self._finish(mat)
+        return self._finish(mat if scale == 1.0 else mat * scale)
 
     def _generic_rows(self, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """``compute_mat`` of each anchor with its own rows, mapped with vmap, else one anchor at a time.

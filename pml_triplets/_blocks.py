@@ -88,28 +88,37 @@ def chunk_loss(opts: Options, k: int, tau: Temperature, r: Rows, ctx: Context) -
     """The (C*K,) losses of one chunk's terms, anchor-major."""
     sim = opts.similarity
     fill = torch.finfo(r.a.dtype).min  # finite: an anchor with no negatives gets loss 0 and zero (not NaN) grads
-    raw = ctx.pool is None and sim.fused  # per-anchor positives and negatives as given: the similarity normalizes
-    # With a linear similarity, 1/τ is folded into the queries: (C, d) divisions instead of one per logit; where the
-    # fused rows are the only blocks and τ is a number, into their (C, J) outputs (no scaled copy, no backward).
-    alone = raw and ctx.shared is None and ctx.anchors is None
-    row_scale = 1.0 / tau if alone and not isinstance(tau, torch.Tensor) else None
-    qa, scale = (r.a, None) if row_scale is not None else (r.a / tau, None) if sim.linear else (r.a, tau)
+    raw = ctx.pool is None and sim.fused  # anchors and their own rows as given: the similarity normalizes them
+    # With a linear similarity, 1/τ is folded into the queries: (C, d) divisions instead of one per logit.
+    scale = None if sim.linear else tau
     qp = r.p / tau if sim.linear and (P2P in opts.directions or P2A in opts.directions) else r.p  # (as queries)
+    memo: list[torch.Tensor] = []
+
+    def queries() -> torch.Tensor:  # the anchors as queries, made when a block first compares them (raw: shared)
+        if not memo:
+            a = sim.normalize(r.a) if raw else r.a
+            memo.append(a / tau if scale is None else a)
+        return memo[0]
 
     def logits(s: torch.Tensor) -> torch.Tensor:
         return s if scale is None else s / scale
 
-    def own_rows(x: torch.Tensor) -> torch.Tensor:  # (C, J, d) -> (C, J) logits: positives, own negatives
-        return logits(sim.rows(qa, x, raw, 1.0 if row_scale is None else row_scale))
-
     if ctx.pool is not None and k == 1 and opts.plain and ctx.pool_ids is None and ctx.shared is None:
-        return _plain_in_batch(logits(sim.block(qa, ctx.pool)), r, ctx, fill)
-    pos = own_rows(r.p)  # (C, K)
-    cand = None if ctx.pool is None else logits(sim.block(qa, ctx.pool))  # (C, R) the in-batch block's logits
+        return _plain_in_batch(logits(sim.block(queries(), ctx.pool)), r, ctx, fill)
+    rows = [r.p] if r.neg is None else [r.p, r.neg]
+    if raw:  # one call for the positives and negatives; a number 1/τ applied to its (C, J) outputs
+        if isinstance(tau, torch.Tensor):
+            own = [x / tau for x in sim.raw_rows(r.a, rows)]
+        else:
+            own = sim.raw_rows(r.a, rows, 1.0 / tau)
+    else:
+        own = [logits(sim.rows(queries(), x)) for x in rows]
+    pos, neg = own[0], own[1] if len(own) > 1 else None  # (C, K), (C, M)
+    cand = None if ctx.pool is None else logits(sim.block(queries(), ctx.pool))  # (C, R) the in-batch block's logits
     strength, tau_value = opts.hardness_strength, tau.detach() if isinstance(tau, torch.Tensor) else tau
     limit, g_in_batch = _guides(opts, k, r, ctx, pos, cand, tau_value)
     lses: dict[str, torch.Tensor] = {}  # block -> (C, K) or (C, 1) log-sum-exp of its candidates
-    for name, block in _blocks(opts, logits, own_rows, qa, qp, r, ctx, cand, g_in_batch):
+    for name, block in _blocks(opts, logits, neg, queries, qp, r, ctx, cand, g_in_batch):
         hard = opts.hardness_mode in _HARDENED.get(name, ())
         lses[name] = block_lse(block, limit, strength * tau_value if hard else None, fill)
     a2p = [lses.pop(name) for name in ("own", "shared", "in_batch") if name in lses]
@@ -176,8 +185,8 @@ class _LogSumExp(torch.autograd.Function):
 def _blocks(
     opts: Options,
     logits: Callable[[torch.Tensor], torch.Tensor],
-    own_rows: Callable[[torch.Tensor], torch.Tensor],
-    qa: torch.Tensor,
+    own_logits: torch.Tensor | None,
+    queries: Callable[[], torch.Tensor],
     qp: torch.Tensor,
     r: Rows,
     ctx: Context,
@@ -192,12 +201,12 @@ def _blocks(
               ) -> Block:  # fmt: skip
         return Block(x, own, excluded, x.detach() if own_guide else g)
 
-    if r.neg is not None:
+    if own_logits is not None:
         g = None if r.gn is None or r.ga is None else torch.bmm(r.gn, r.ga[:, :, None]).squeeze(-1)  # (C, M)
-        yield "own", block(own_rows(r.neg), None, None if r.valid is None else ~r.valid, g)
+        yield "own", block(own_logits, None, None if r.valid is None else ~r.valid, g)
     if ctx.shared is not None:
         g = None if ctx.g_shared is None or r.ga is None else r.ga @ ctx.g_shared.T  # (C, S)
-        yield "shared", block(logits(sim.block(qa, ctx.shared)), None, shared_excluded(r, ctx), g)
+        yield "shared", block(logits(sim.block(queries(), ctx.shared)), None, shared_excluded(r, ctx), g)
     if ctx.pool is not None and cand is not None and r.own is not None:
         excluded = pool_excluded(r, ctx, own_row=False)  # (C, R) or None
         yield "in_batch", Block(cand, r.own, excluded, g_in_batch)
@@ -209,7 +218,7 @@ def _blocks(
     if ctx.anchors is not None:
         if A2A in opts.directions:
             g = None if ctx.g_anchors is None or r.ga is None else r.ga @ ctx.g_anchors.T  # (C, T)
-            yield A2A, block(logits(sim.block(qa, ctx.anchors)), r.rows[:, None], None, g)
+            yield A2A, block(logits(sim.block(queries(), ctx.anchors)), r.rows[:, None], None, g)
         if P2A in opts.directions:  # its own anchor is the positive pair: counted apart
             g = None if ctx.g_anchors is None or r.gp is None else r.gp @ ctx.g_anchors.T  # (C, K, T)
             pa = logits(sim.block(qp.flatten(0, 1), ctx.anchors)).unflatten(0, (-1, k))  # (C, K, T)

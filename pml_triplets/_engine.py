@@ -160,10 +160,10 @@ def _layout(opts: Options, batch: Batch) -> tuple[Rows, Context]:
     norm = partial(_normalize, opts, spec)
     shared = None if batch.shared is None else norm(batch.shared)
     ctx = Context(shared, _unit(batch.shared) if unit else None, batch.sid)
-    if not opts.in_batch:  # rows the similarity normalizes itself (fused) stay as they are
+    if not opts.in_batch:  # what the similarity normalizes itself (fused: anchors and their rows) stays as it is
         rows_of = partial(_normalize, opts, spec, fused=fused)
         neg = None if everyone[1] is None else rows_of(everyone[1])
-        return Rows(norm(a), rows_of(p), neg, valid, rows, None, pid, ga, gp, gn), ctx
+        return Rows(rows_of(a), rows_of(p), neg, valid, rows, None, pid, ga, gp, gn), ctx
     ctx = _pool(everyone, unused, total, spec, norm, ctx)
     assert ctx.pool is not None
     # This rank's rows are in the pool already normalized (and gathered): take them from it.

@@ -6,8 +6,9 @@ NT-Xent enters a distance negated (``s = -d``) and a similarity as it is, after 
 * ``rows(q, r)``: ``q`` (C, d) against its own rows ``r`` (C, M, d) -> (C, M) (an anchor's positives, its negatives);
 * ``block(q, r)``: ``q`` (C, d) against every row of ``r`` (R, d) -> (C, R) (shared and in-batch candidates).
 
-For the cosine similarity, ``rows`` also takes the rows as they are (``raw=True``) and normalizes them on the fly
-(:func:`._fused.unit_rows`): no normalized copy of the (C, M, d) negatives, the largest tensor of a per-anchor call.
+* ``raw_rows(a, [p, n])``: the same for anchors and rows as given (the cosine and a plain dot product): the cosine
+  normalizes both on the fly, in one call (:func:`._fused.cosine_rows`): no normalized copy of the (C, M, d)
+  negatives, the largest tensor of a per-anchor call, nor of the anchors.
 
 ``compute_mat`` is only ever called on 2-D inputs (PML before 2.9 rejects 3-D ones); for a distance the module does
 not know, ``rows`` maps it over the anchors with ``torch.vmap``.
@@ -21,7 +22,7 @@ from typing import Literal, cast
 import torch
 from pytorch_metric_learning.distances import BaseDistance, DotProductSimilarity, LpDistance
 
-from ._fused import unit, unit_rows
+from ._fused import cosine_rows, unit
 
 __all__: list[str] = []  # private module
 
@@ -80,15 +81,8 @@ class Similarity:
             mat = mat**self.distance.power
         return mat if self.distance.is_inverted else -mat
 
-    def rows(self, q: torch.Tensor, r: torch.Tensor, raw: bool = False, scale: float = 1.0) -> torch.Tensor:
-        """``s(q[c], r[c, j])`` for normalized ``q`` (C, d) and ``r`` (C, J, d) -> (C, J).
-
-        ``raw``: ``r`` as given, normalized here (only where :attr:`fused`). ``scale``: a number multiplying the
-        (C, J) similarities (the caller's ``1/τ``), not the (C, d) queries.
-        """
-        if raw and self.normalizes:
-            return self._finish(unit_rows(q, r, scale))
-        r = r.to(q.dtype)  # raw half-precision rows of a plain dot product
+    def rows(self, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """``s(q[c], r[c, j])`` for normalized ``q`` (C, d) and ``r`` (C, J, d) -> (C, J)."""
         if self.kind == "dot":  # (C, 1, d) x (C, d, J): a batched gemv twice as fast as (C, J, d) x (C, d, 1)
             mat = torch.matmul(q[:, None, :], r.mT).squeeze(1)  # (C, J)
         elif self.kind == "lp":
@@ -96,7 +90,19 @@ class Similarity:
             mat = torch.cdist(q[:, None], r, p=self.distance.p).squeeze(1)  # (C, J)
         else:
             mat = self._generic_rows(q, r)
-        return self._finish(mat if scale == 1.0 else mat * scale)
+        return self._finish(mat)
+
+    def raw_rows(self, a: torch.Tensor, rows: list[torch.Tensor], scale: float = 1.0) -> list[torch.Tensor]:
+        """``scale * s(a[c], r[c, j])`` (C, J) for ``a`` (C, d) and each ``r`` of ``rows`` (C, J, d), all as given.
+
+        Only where :attr:`fused`: the cosine normalizes anchors and rows on the fly, in one call; a plain dot takes
+        them as they are (a dot product is never inverted: no sign to apply). ``scale``: a number (the caller's
+        ``1/τ``) multiplying the (C, J) similarities.
+        """
+        if self.normalizes:
+            return cosine_rows(a, rows, scale)
+        out = [torch.matmul(a[:, None, :], r.to(a.dtype).mT).squeeze(1) for r in rows]  # (half rows: cast)
+        return out if scale == 1.0 else [x * scale for x in out]
 
     def _generic_rows(self, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """``compute_mat`` of each anchor with its own rows, mapped with vmap, else one anchor at a time.

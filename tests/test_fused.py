@@ -1,10 +1,10 @@
-"""The fused per-anchor cosine (``pml_triplets._fused.unit_rows``) and the loss through it.
+"""The fused per-anchor cosine (``pml_triplets._fused.cosine_rows``) and the loss through it.
 
-``unit_rows(q, r)[c, j] = <q[c], r[c, j]> / max(‖r[c, j]‖, 1e-12)`` is checked against the same sum written loop by
-loop in float64 (values, and gradients by autograd of the loop), against finite differences (gradcheck,
-gradgradcheck), against closed forms at a zero row, under ``torch.func`` and ``torch.compile(fullgraph=True)``.
-The loss with every per-anchor option the fused path serves is checked against ``tests/formula.py`` at 1e-10,
-gradients included, with a spy asserting that the fused path ran.
+``cosine_rows(a, rows)[i][c, j] = <a[c], r_i[c, j]> / (max(‖a[c]‖, 1e-12) max(‖r_i[c, j]‖, 1e-12))`` is checked
+against the same sums written loop by loop in float64 (values, and gradients by autograd of the loop), against
+finite differences (gradcheck, gradgradcheck), against closed forms at zero rows, under ``torch.func`` and
+``torch.compile(fullgraph=True)``. The loss with every per-anchor option the fused path serves is checked against
+``tests/formula.py`` at 1e-10, gradients included, with a spy asserting that the fused path ran.
 """
 
 from __future__ import annotations
@@ -25,156 +25,209 @@ F64 = torch.float64
 TOL = {"rtol": 1e-10, "atol": 1e-10}
 
 
-def loop_rows(q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """(C, J): every cosine-on-the-fly as an explicit sum over coordinates, float64, differentiable."""
+def loop_cosines(a: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """(C, J): every cosine as explicit sums over coordinates, both norms clamped at 1e-12, float64, differentiable."""
     c, j, d = r.shape
-    out = [[q.new_zeros(())] * j for _ in range(c)]
+    out = [[a.new_zeros(())] * j for _ in range(c)]
     for i in range(c):
+        norm_a = torch.sqrt(sum(a[i, k] * a[i, k] for k in range(d)))
         for m in range(j):
-            dot = sum(q[i, k] * r[i, m, k] for k in range(d))
-            norm = torch.sqrt(sum(r[i, m, k] * r[i, m, k] for k in range(d)))
-            out[i][m] = dot / torch.clamp(norm, min=1e-12)
+            dot = sum(a[i, k] * r[i, m, k] for k in range(d))
+            norm_r = torch.sqrt(sum(r[i, m, k] * r[i, m, k] for k in range(d)))
+            out[i][m] = dot / (torch.clamp(norm_a, min=1e-12) * torch.clamp(norm_r, min=1e-12))
     return torch.stack([torch.stack(row) for row in out])
 
 
-def problem(seed: int, c: int = 4, j: int = 3, d: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q (C, d), r (C, J, d) with rows of very different lengths, and the output's weights w (C, J)."""
+def problem(
+    seed: int, js: tuple[int, ...] = (1, 3), c: int = 4, d: int = 5
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """a (C, d) and rows (C, J, d) for each J of ``js``, all of very different lengths; the outputs' weights (C, J)."""
     g = gen(seed)
-    r = randn(g, c, j, d) * torch.logspace(-3, 3, c * j, dtype=F64).reshape(c, j, 1)
-    return randn(g, c, d), r, randn(g, c, j)
+    a = randn(g, c, d) * torch.logspace(-2, 2, c, dtype=F64)[:, None]
+    rows = [randn(g, c, j, d) * torch.logspace(-3, 3, c * j, dtype=F64).reshape(c, j, 1) for j in js]
+    return a, rows, [randn(g, c, j) for j in js]
+
+
+def weighted(outputs: list[torch.Tensor], weights: list[torch.Tensor]) -> torch.Tensor:
+    return sum((x * w).sum() for x, w in zip(outputs, weights, strict=True))  # type: ignore[return-value]
 
 
 @pytest.fixture
-def spy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts calls of the fused forward (eager, torch.func and compiled paths all go through it)."""
-    calls: list[int] = []
+def spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """Rows per anchor of each call of the fused forward (eager, torch.func and compiled paths all go through it)."""
+    calls: list[tuple[int, ...]] = []
     real = _fused._forward
 
-    def counted(q: torch.Tensor, r: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        calls.append(r.shape[1])
-        return real(q, r, scale)
+    def counted(scale: float, a: torch.Tensor, rows: Any) -> tuple[torch.Tensor, ...]:
+        calls.append(tuple(r.shape[1] for r in rows))
+        return real(scale, a, rows)
 
     monkeypatch.setattr(_fused, "_forward", counted)
     return calls
 
 
-# ------------------------------------------------------------------------------------------------ unit_rows alone
+# ---------------------------------------------------------------------------------------------- cosine_rows alone
+
+# Rows per anchor of each tensor: the backward runs last to first, each J through its own branch (1: a product with
+# the one row, 2: elementwise, 3: a batched product), first into a fresh anchor gradient, then into it in place.
+SHAPES = [(1,), (3,), (1, 3), (3, 2), (2, 1)]
 
 
-@pytest.mark.parametrize(("seed", "scale"), [(0, 1.0), (1, 1.0), (2, 1.0), (0, 1 / 0.07), (1, -3.0)])
-def test_value_and_gradients_equal_the_loop(seed: int, scale: float) -> None:
-    # scale: 1/τ applied to the (C, J) output inside the function (the loss passes it for a number τ)
-    q, r, w = problem(seed)
-    q1, r1 = leaves(q, r)
-    got = _fused.unit_rows(q1, r1, scale)
-    grads = torch.autograd.grad((got * w).sum(), (q1, r1))
-    q2, r2 = leaves(q, r)
-    want = loop_rows(q2, r2) * scale
-    expected = torch.autograd.grad((want * w).sum(), (q2, r2))
-    assert_close(got, want, **TOL)
+@pytest.mark.parametrize(("js", "scale"), [(js, 1.0) for js in SHAPES] + [((1, 3), 1 / 0.07), ((2, 1), -3.0)])
+def test_values_and_gradients_equal_the_loop(js: tuple[int, ...], scale: float) -> None:
+    # scale: 1/τ applied to the (C, J) outputs inside the function (the loss passes it for a number τ)
+    a, rows, w = problem(len(js) + int(scale), js)
+    a1, *rows1 = leaves(a, *rows)
+    got = _fused.cosine_rows(a1, rows1, scale)
+    grads = torch.autograd.grad(weighted(got, w), (a1, *rows1))
+    a2, *rows2 = leaves(a, *rows)
+    want = [loop_cosines(a2, r) * scale for r in rows2]
+    expected = torch.autograd.grad(weighted(want, w), (a2, *rows2))
+    for x, y in zip(got, want, strict=True):
+        assert_close(x, y, **TOL)
     for g, e in zip(grads, expected, strict=True):
         assert_close(g, e, **TOL)
 
 
+def test_one_or_two_rows_tensors() -> None:
+    a, rows, _ = problem(0, (1, 2, 3))
+    with pytest.raises(ValueError, match="one or two tensors"):
+        _fused.cosine_rows(a, rows)
+
+
+def test_compiled_without_gradients_equals_eager() -> None:
+    # Dynamo traces the forward alone when no input needs a gradient (the fixed signature's reason).
+    torch._dynamo.reset()
+    a, rows, _ = problem(1)
+    for count in (1, 2):
+        compiled = torch.compile(_fused.cosine_rows, fullgraph=True, backend="aot_eager")(a, rows[:count], 2.0)
+        for x, y in zip(compiled, _fused.cosine_rows(a, rows[:count], 2.0), strict=True):
+            assert_close(x, y, **TOL)
+
+
 def test_gradcheck_and_gradgradcheck() -> None:
-    q, r, _ = problem(3)
-    q, r = leaves(q, r / r.norm(dim=-1, keepdim=True))  # unit-ish scale: finite differences stay accurate
-    for scale in (1.0, 2.5):
-        assert torch.autograd.gradcheck(_fused.unit_rows, (q, r, scale))
-        assert torch.autograd.gradgradcheck(_fused.unit_rows, (q, r, scale))
+    a, rows, _ = problem(3, (1, 3))
+    a, p, n = leaves(a / a.norm(dim=-1, keepdim=True), *(r / r.norm(dim=-1, keepdim=True) for r in rows))
+    for scale in (1.0, 2.5):  # (unit-ish rows: finite differences stay accurate)
+
+        def f(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor, scale: float = scale) -> tuple[torch.Tensor, ...]:
+            return tuple(_fused.cosine_rows(a, [p, n], scale))
+
+        assert torch.autograd.gradcheck(f, (a, p, n))
+        assert torch.autograd.gradgradcheck(f, (a, p, n))
 
 
-def test_zero_row_follows_normalizes_rule() -> None:
-    # F.normalize maps a zero row to 0 and, its norm clamped at eps, has the Jacobian I / eps there: the row's
-    # gradient is g * q / eps; rows with a norm keep the usual one.
-    q, r, w = problem(4)
+def test_zero_rows_follow_normalizes_rule() -> None:
+    # F.normalize maps a zero row to 0 and, its norm clamped at eps, has the Jacobian I / eps there: a zero row r
+    # gets g * a / (‖a‖ eps), a zero anchor Σ_j g_j r_j / (eps ‖r_j‖); the others keep the usual gradients.
+    a, (r,), (w,) = problem(4, (3,))
     r[1, 2] = 0.0
-    q1, r1 = leaves(q, r)
-    s = _fused.unit_rows(q1, r1)
-    gq, gr = torch.autograd.grad((s * w).sum(), (q1, r1))
+    a[2] = 0.0
+    a1, r1 = leaves(a, r)
+    (s,) = _fused.cosine_rows(a1, [r1])
+    ga, gr = torch.autograd.grad((s * w).sum(), (a1, r1))
     assert s[1, 2] == 0.0
-    assert_close(gr[1, 2], w[1, 2] * q[1] / 1e-12, rtol=1e-12, atol=0.0)
-    q2, r2 = leaves(q, r)
-    s2 = torch.nn.functional.normalize(r2, dim=-1) @ q2[:, :, None]
-    expected = torch.autograd.grad((s2.squeeze(-1) * w).sum(), (q2, r2))
-    assert_close(gq, expected[0], **TOL)
-    assert_close(gr, expected[1], rtol=1e-10, atol=1e-10)
+    assert (s[2] == 0.0).all()
+    assert_close(gr[1, 2], w[1, 2] * a[1] / (a[1].norm() * 1e-12), rtol=1e-12, atol=0.0)
+    assert_close(ga[2], (w[2, :, None] * r[2] / r[2].norm(dim=-1, keepdim=True)).sum(0) / 1e-12, rtol=1e-12, atol=0.0)
+    a2, r2 = leaves(a, r)
+    fn = torch.nn.functional.normalize
+    s2 = (fn(r2, dim=-1) @ fn(a2, dim=-1)[:, :, None]).squeeze(-1)
+    expected = torch.autograd.grad((s2 * w).sum(), (a2, r2))
+    assert_close(ga, expected[0], **TOL)
+    assert_close(gr, expected[1], **TOL)
 
 
-def test_only_the_inputs_that_need_it_get_a_gradient() -> None:
-    q, r, w = problem(5)
-    for need_q, need_r in ((True, False), (False, True)):
-        q1, r1 = q.clone().requires_grad_(need_q), r.clone().requires_grad_(need_r)
-        (_fused.unit_rows(q1, r1) * w).sum().backward()
-        assert (q1.grad is not None) == need_q
-        assert (r1.grad is not None) == need_r
+NEEDS = [(True, False, False), (False, True, False), (False, False, True), (False, True, True)]
 
 
-def test_output_may_be_changed_in_place() -> None:
-    # The loss masks logits in place; the backward must not read the output it returned.
-    q, r, w = problem(6)
-    q1, r1 = leaves(q, r)
-    s = _fused.unit_rows(q1, r1)
-    s.masked_fill_(w > 1.0, -1e30)
-    grads = torch.autograd.grad((s.clamp_min(-5.0) * w).sum(), (q1, r1))
-    q2, r2 = leaves(q, r)
-    s2 = loop_rows(q2, r2).masked_fill(w > 1.0, -1e30)
-    expected = torch.autograd.grad((s2.clamp_min(-5.0) * w).sum(), (q2, r2))
+@pytest.mark.parametrize("need", NEEDS)
+def test_only_the_inputs_that_need_it_get_a_gradient(need: tuple[bool, bool, bool]) -> None:
+    a, rows, w = problem(5)
+    x = [t.clone().requires_grad_(flag) for t, flag in zip((a, *rows), need, strict=True)]
+    weighted(_fused.cosine_rows(x[0], x[1:]), w).backward()
+    assert [t.grad is not None for t in x] == list(need)
+    a2, *rows2 = leaves(a, *rows)
+    want = [loop_cosines(a2, r) for r in rows2]
+    expected = torch.autograd.grad(weighted(want, w), (a2, *rows2))
+    for t, e in zip(x, expected, strict=True):
+        if t.grad is not None:
+            assert_close(t.grad, e, **TOL)
+
+
+def test_outputs_may_be_changed_in_place() -> None:
+    # The loss masks logits in place; the backward must not read the outputs it returned.
+    a, rows, w = problem(6)
+    a1, *rows1 = leaves(a, *rows)
+    got = _fused.cosine_rows(a1, rows1)
+    got[1].masked_fill_(w[1] > 1.0, -1e30)
+    grads = torch.autograd.grad(weighted([x.clamp_min(-5.0) for x in got], w), (a1, *rows1))
+    a2, *rows2 = leaves(a, *rows)
+    want = [loop_cosines(a2, r) for r in rows2]
+    want[1] = want[1].masked_fill(w[1] > 1.0, -1e30)
+    expected = torch.autograd.grad(weighted([x.clamp_min(-5.0) for x in want], w), (a2, *rows2))
     for g, e in zip(grads, expected, strict=True):
         assert_close(g, e, **TOL)
 
 
 def test_torch_func_grad_and_vmap_equal_the_loop() -> None:
     problems = [problem(10 + b) for b in range(3)]
-    qs, rs, ws = (torch.stack(parts) for parts in zip(*problems, strict=True))
-
+    a_s = torch.stack([a for a, _, _ in problems])
+    ps, ns = (torch.stack([rows[i] for _, rows, _ in problems]) for i in (0, 1))
+    wp, wn = (torch.stack([w[i] for _, _, w in problems]) for i in (0, 1))
     scale = 1 / 0.3
 
-    def f(q: torch.Tensor, r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return (_fused.unit_rows(q, r, scale) * w).sum()
+    def rows(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(_fused.cosine_rows(a, [p, n], scale))
 
-    values = torch.func.vmap(_fused.unit_rows, in_dims=(0, 0, None))(qs, rs, scale)
-    grads = torch.func.vmap(torch.func.grad(f, argnums=(0, 1)))(qs, rs, ws)
-    for b, (q, r, w) in enumerate(problems):
-        q1, r1 = leaves(q, r)
-        want = loop_rows(q1, r1) * scale
-        expected = torch.autograd.grad((want * w).sum(), (q1, r1))
-        assert_close(values[b], want, **TOL)
-        assert_close(grads[0][b], expected[0], **TOL)
-        assert_close(grads[1][b], expected[1], **TOL)
+    def f(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor, wp: torch.Tensor, wn: torch.Tensor) -> torch.Tensor:
+        return weighted(list(rows(a, p, n)), [wp, wn])
+
+    values = torch.func.vmap(rows)(a_s, ps, ns)
+    grads = torch.func.vmap(torch.func.grad(f, argnums=(0, 1, 2)))(a_s, ps, ns, wp, wn)
+    for b, (a, rs, w) in enumerate(problems):
+        a1, *rows1 = leaves(a, *rs)
+        want = [loop_cosines(a1, r) * scale for r in rows1]
+        expected = torch.autograd.grad(weighted(want, w), (a1, *rows1))
+        for i in range(2):
+            assert_close(values[i][b], want[i], **TOL)
+        for i in range(3):
+            assert_close(grads[i][b], expected[i], **TOL)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_half_rows_are_cast_block_by_block(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    # float64 queries, half rows split into blocks of 2 anchors: the loop on the rows as rounded to half, and
-    # their gradient rounded to half once (not accumulated in half).
+    # float64 anchors and positives, half negatives split into blocks of 2 anchors: the loop on the negatives as
+    # rounded to half, and their gradient rounded to half once (not accumulated in half).
     monkeypatch.setattr(_fused, "_CAST_BLOCK", 2 * 3 * 5)
-    q, r, w = problem(7, c=5)
-    r = (r / r.norm(dim=-1, keepdim=True)).to(dtype)
-    q1, r1 = q.clone().requires_grad_(), r.clone().requires_grad_()
-    s = _fused.unit_rows(q1, r1)
-    gq, gr = torch.autograd.grad((s * w).sum(), (q1, r1))
-    assert s.dtype == F64
-    assert gr.dtype == dtype
-    q2, r2 = leaves(q, r.double())
-    want = loop_rows(q2, r2)
-    expected = torch.autograd.grad((want * w).sum(), (q2, r2))
-    assert_close(s, want, **TOL)
-    assert_close(gq, expected[0], **TOL)
-    assert_close(gr, expected[1].to(dtype), rtol=torch.finfo(dtype).eps, atol=1e-30)
+    a, (p, n), w = problem(7, (1, 3), c=5)
+    n = (n / n.norm(dim=-1, keepdim=True)).to(dtype)
+    a1, p1, n1 = a.clone().requires_grad_(), p.clone().requires_grad_(), n.clone().requires_grad_()
+    got = _fused.cosine_rows(a1, [p1, n1])
+    grads = torch.autograd.grad(weighted(got, w), (a1, p1, n1))
+    assert all(x.dtype == F64 for x in got)
+    assert grads[2].dtype == dtype
+    a2, p2, n2 = leaves(a, p, n.double())
+    want = [loop_cosines(a2, p2), loop_cosines(a2, n2)]
+    expected = torch.autograd.grad(weighted(want, w), (a2, p2, n2))
+    for x, y in zip(got, want, strict=True):
+        assert_close(x, y, **TOL)
+    assert_close(grads[0], expected[0], **TOL)
+    assert_close(grads[1], expected[1], **TOL)
+    assert_close(grads[2], expected[2].to(dtype), rtol=torch.finfo(dtype).eps, atol=1e-30)
 
 
 def test_half_negatives_are_never_cast_whole(monkeypatch: pytest.MonkeyPatch) -> None:
     # Through the loss: bfloat16 negatives reach the fused rows uncast and are cast two anchors at a time.
     monkeypatch.setattr(_fused, "_CAST_BLOCK", 2 * 4 * 5)
     seen: list[tuple[torch.dtype, int, int]] = []  # (dtype, rows per anchor, anchors) of each block
-    real = _fused._forward_block
+    real = _fused._norms_dots_block
 
-    def spy_block(q: torch.Tensor, r: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def spy_block(a: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         seen.append((r.dtype, r.shape[1], r.shape[0]))
-        return real(q, r, scale)
+        return real(a, r)
 
-    monkeypatch.setattr(_fused, "_forward_block", spy_block)
+    monkeypatch.setattr(_fused, "_norms_dots_block", spy_block)
     data, kw, _ = call("mask", dtype=torch.bfloat16)
     pt.infonce(*data, **kw).backward()
     negatives = [anchors for dtype, rows, anchors in seen if rows == 4]  # (the positives: float32 already, 1 row)
@@ -188,7 +241,7 @@ def test_half_negatives_are_never_cast_whole(monkeypatch: pytest.MonkeyPatch) ->
 def test_unit_equals_the_loop_and_normalizes_rule() -> None:
     # unit(x) = x / max(‖x‖, 1e-12), row by row: values and gradients against the loop (rows of very different
     # lengths and a zero row, whose Jacobian is I / eps as F.normalize's), then finite differences.
-    _, r, _ = problem(8)
+    _, (r,), _ = problem(8, (3,))
     x = r.reshape(-1, r.shape[-1]).clone()
     x[3] = 0.0
     w = randn(gen(9), *x.shape)
@@ -241,12 +294,13 @@ def tensors(data: list[torch.Tensor], kw: dict[str, Any]) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", list(OPTIONS))
-def test_loss_and_gradients_equal_the_formula(name: str, spy: list[int]) -> None:
+def test_loss_and_gradients_equal_the_formula(name: str, spy: list[tuple[int, ...]]) -> None:
     data, kw, formula_kw = call(name)
     tau = torch.tensor(0.2, dtype=F64, requires_grad=True)  # a learnable temperature: its gradient too
     loss = pt.infonce(*data, temperature=tau, **kw)
     got = torch.autograd.grad(loss, [*tensors(data, kw), tau])
     assert spy, "the fused rows did not run"
+    assert all(len(rows) == 2 for rows in spy), "positives and negatives not in one call"
     ref_data = leaves(*data)
     ref_kw = dict(formula_kw)
     if "shared_negatives" in ref_kw:
@@ -266,7 +320,7 @@ def test_loss_and_gradients_equal_the_formula(name: str, spy: list[int]) -> None
         pytest.param(DotProductSimilarity(), id="DotProductSimilarity-normalized"),
     ],
 )
-def test_pml_cosine_distances_take_the_fused_path(distance: Any, spy: list[int]) -> None:
+def test_pml_cosine_distances_take_the_fused_path(distance: Any, spy: list[tuple[int, ...]]) -> None:
     data, kw, _ = call("mask")
     loss = pt.infonce(*data, loss_fn=NTXentLoss(temperature=0.3, distance=distance), **kw)
     got = torch.autograd.grad(loss, data)
@@ -277,7 +331,7 @@ def test_pml_cosine_distances_take_the_fused_path(distance: Any, spy: list[int])
         assert_close(g, e, **TOL)
 
 
-def test_raw_dot_product_is_not_normalized(spy: list[int]) -> None:
+def test_raw_dot_product_is_not_normalized(spy: list[tuple[int, ...]]) -> None:
     # DotProductSimilarity(normalize_embeddings=False): no norms to fuse, a plain batched product; the formula's
     # raw dot product.
     data, kw, _ = call("mask")

@@ -114,6 +114,8 @@ def chunk_loss(opts: Options, k: int, tau: Temperature, r: Rows, ctx: Context) -
     else:
         own = [logits(sim.rows(queries(), x)) for x in rows]
     pos, neg = own[0], own[1] if len(own) > 1 else None  # (C, K), (C, M)
+    if neg is not None and ctx.pool is None and ctx.shared is None and r.valid is None and opts.plain:
+        return _nll(pos, block_lse(Block(neg, None, None, None), None, None, fill)).reshape(-1)  # the one block
     cand = None if ctx.pool is None else logits(sim.block(queries(), ctx.pool))  # (C, R) the in-batch block's logits
     strength, tau_value = opts.hardness_strength, tau.detach() if isinstance(tau, torch.Tensor) else tau
     limit, g_in_batch = _guides(opts, k, r, ctx, pos, cand, tau_value)
@@ -152,8 +154,9 @@ def block_lse(block: Block, limit: torch.Tensor | None, hardness: Temperature | 
             x, in_place = x[:, None, :], False  # (C, 1, X)
     if drop is not None:
         x = x.masked_fill_(drop, fill) if in_place and drop.shape == x.shape else x.masked_fill(drop, fill)
-    plain = is_compiling() or transformed() or x.numel() < _SMALL_BLOCK
-    lse = torch.logsumexp(x, dim=-1) if plain else _LogSumExp.apply(x)  # type: ignore[no-untyped-call]
+    if is_compiling() or transformed() or x.numel() < _SMALL_BLOCK:
+        return torch.logsumexp(x, dim=-1, keepdim=x.ndim == 2)
+    lse: torch.Tensor = _LogSumExp.apply(x)  # type: ignore[no-untyped-call]
     return lse if lse.ndim == 2 else lse[:, None]
 
 

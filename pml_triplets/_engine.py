@@ -65,7 +65,8 @@ def evaluate(opts: Options, tau: Temperature, data: Data) -> torch.Tensor:
             per_pair = torch.cat(
                 [checkpoint(one, r, ctx, use_reentrant=False) if recompute else one(r, ctx) for r in rows.split(size)]
             )
-        return reduce(opts, per_pair, batch.a, spec.k).to(spec.dtype)
+        loss = reduce(opts, per_pair, batch.a, spec.k)
+        return loss if loss.dtype == spec.dtype else loss.to(spec.dtype)
 
 
 def _mapped(opts: Options, tau: Temperature, k: int, rows: Rows, ctx: Context, size: int) -> torch.Tensor:
@@ -156,7 +157,7 @@ def _layout(opts: Options, batch: Batch) -> tuple[Rows, Context]:
     if nid is not None and pid is not None:
         clash = (nid[:, :, None] == pid[:, None, :]).any(-1)  # (N, M) the same item as one of its own positives
         valid = ~clash if valid is None else valid & ~clash
-    rows = torch.arange(spec.n, device=spec.device) + offset  # (N,) global rows
+    rows = torch.arange(offset, offset + spec.n, device=spec.device)  # (N,) global rows
     norm = partial(_normalize, opts, spec)
     shared = None if batch.shared is None else norm(batch.shared)
     ctx = Context(shared, _unit(batch.shared) if unit else None, batch.sid)

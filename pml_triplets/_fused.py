@@ -2,14 +2,14 @@
 
 (And ``unit(x)``, ``F.normalize``'s rule with a one-pass backward, for every other tensor the engine normalizes.)
 
-``cosine_rows(a, rows, scale)`` is, for each ``r`` of ``rows`` (C, J, d), ``scale * <a[c], r[c, j]> / (D(a[c])
-D(r[c, j]))`` (C, J), with ``D(x) = max(‖x‖, eps)``: ``F.normalize``'s rule for both sides (``scale`` is 1/τ for a
-number τ). An anchor's positives and its own negatives go through one call: the anchors are normalized once (no
-(C, d) unit copy), and their gradient is one tensor, written once. The per-anchor negatives are the largest tensor
-of a call; through ``F.normalize`` and autograd they would be copied normalized, and the backward would write three
-temporaries of their size. Here the forward pass reads each ``r`` twice (norms, dots) and writes (C, J) tensors
-only; the backward reads it twice and writes one tensor of its size, its gradient. With ``s`` the cosine, ``u =
-scale · g / (D(a) D(r))`` and ``w = scale · g · s / D(r)²``:
+``cosine_rows(a, rows, scale)`` is, for each ``r`` of ``rows`` (one or two (C, J, d) tensors), the (C, J) cosines
+``scale * <a[c], r[c, j]> / (D(a[c]) D(r[c, j]))`` with ``D(x) = max(‖x‖, eps)``: ``F.normalize``'s rule for both
+sides (``scale`` is 1/τ for a number τ). An anchor's positives and its own negatives go through one call: the
+anchors are normalized once (no (C, d) unit copy), and their gradient is one tensor, written once. The per-anchor
+negatives are the largest tensor of a call; through ``F.normalize`` and autograd they would be copied normalized,
+and the backward would write three temporaries of their size. Here the forward pass reads each ``r`` twice (norms,
+dots) and writes (C, J) tensors only; the backward reads it twice and writes one tensor of its size, its gradient.
+With ``s`` the cosine, ``u = scale · g / (D(a) D(r))`` and ``w = scale · g · s / D(r)²``:
 
 * ``∂/∂a[c] = Σ_r Σ_j u[c, j] r[c, j] - (Σ_r Σ_j scale · g[c, j] s[c, j]) / D(a[c])² · a[c]``,
 * ``∂/∂r[c, j] = u[c, j] a[c] - w[c, j] r[c, j]``,
@@ -45,7 +45,8 @@ _CAST_BLOCK = 1 << 22  # elements of r per block when half-precision rows are co
 def cosine_rows(a: torch.Tensor, rows: Sequence[torch.Tensor], scale: float = 1.0) -> list[torch.Tensor]:
     """``scale * cos(a[c], r[c, j])`` (C, J) for ``a`` (C, d) and each ``r`` of ``rows`` (C, J, d), as given.
 
-    ``scale``: a number (``1/τ``), applied to the (C, J) outputs: no scaled (C, d) copy of the anchors.
+    ``rows``: one or two tensors (an anchor's positives, its own negatives). ``scale``: a number (``1/τ``), applied
+    to the (C, J) outputs: no scaled (C, d) copy of the anchors.
 
     Example:
         >>> import torch
@@ -56,8 +57,8 @@ def cosine_rows(a: torch.Tensor, rows: Sequence[torch.Tensor], scale: float = 1.
     """
     if not 1 <= len(rows) <= 2:
         raise ValueError(f"`rows` must hold one or two tensors (positives, negatives); got {len(rows)}")
-    eager = not (is_compiling() or transformed())
-    out = (_EagerCosineRows if eager else _CosineRows).apply(scale, a, *rows, *[None] * (2 - len(rows)))  # type: ignore[no-untyped-call]
+    fn = _CosineRows if is_compiling() or transformed() else _EagerCosineRows
+    out = fn.apply(scale, a, *rows, *[None] * (2 - len(rows)))  # type: ignore[no-untyped-call]
     return list(out[: len(rows)])
 
 
@@ -139,7 +140,7 @@ def _anchor_blocks(a: torch.Tensor, r: torch.Tensor) -> tuple[tuple[torch.Tensor
 
 
 def _backward(
-    grads: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor | None],
     scale: float,
     a: torch.Tensor,
     rows: Sequence[torch.Tensor],
@@ -149,12 +150,12 @@ def _backward(
     want: Sequence[bool],
 ) -> list[torch.Tensor | None]:
     """``[∂/∂a, *∂/∂rows]`` for the gradients ``grads`` (C, J) of the outputs; None where ``want`` says so."""
-    den = norm.clamp_min(_EPS)  # (C, 1)
+    in_place, den = _in_place(), norm.clamp_min(_EPS)  # (C, 1)
     ga, radial = None, None  # (C, d), and (C, 1) Σ_j scale · g · s over every row
     out: list[torch.Tensor | None] = []
     # Last to first: the positives (one row, after the negatives) add into the negatives' ∂a in place.
     for g, r, n, d, need in reversed(list(zip(grads, rows, norms, dots, want[1:], strict=True))):
-        if not (want[0] or need):
+        if g is None or not (want[0] or need):  # (None: the output reached no loss, eager)
             out.append(None)
             continue
         den_r = n.clamp_min(_EPS)
@@ -162,34 +163,41 @@ def _backward(
         gs = u * d  # scale · g · s
         radial = gs.sum(-1, keepdim=True) if radial is None else radial + gs.sum(-1, keepdim=True)
         w = torch.where(n > _EPS, gs / den_r.square(), 0.0) if need else None  # (C, J) none where clamped
-        ga, gr = _rows_backward(u, w, a, r, ga, want[0])
+        ga, gr = _rows_backward(u, w, a, r, ga, want[0], in_place)
         out.append(gr)
-    if want[0]:
-        assert ga is not None
+    if ga is not None:
         assert radial is not None
         c = torch.where(norm > _EPS, radial, 0.0) / den.square()  # (C, 1)
-        ga = ga.addcmul_(a, c, value=-1) if _in_place() else torch.addcmul(ga, a, c, value=-1)
+        ga = ga.addcmul_(a, c, value=-1) if in_place else torch.addcmul(ga, a, c, value=-1)
     return [ga, *reversed(out)]
 
 
 def _rows_backward(
-    u: torch.Tensor, w: torch.Tensor | None, a: torch.Tensor, r: torch.Tensor, ga: torch.Tensor | None, want_a: bool
+    u: torch.Tensor,
+    w: torch.Tensor | None,
+    a: torch.Tensor,
+    r: torch.Tensor,
+    ga: torch.Tensor | None,
+    want_a: bool,
+    in_place: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(ga + Σ_j u r, u ⊗ a - w r)`` for one ``r``; ``ga`` None: the first term alone; ``w`` None: no ``∂/∂r``.
 
     Half-precision ``r``: block by block in ``a``'s dtype, each block's ``∂/∂r`` written into ``r``'s dtype.
     """
     if r.dtype == a.dtype:
-        return _anchor_grad(u, r, ga) if want_a else ga, None if w is None else _rows_grad(u, w, a, r)
+        gr = None if w is None else _rows_grad(u, w, a, r, in_place)
+        return _anchor_grad(u, r, ga, in_place) if want_a else ga, gr
     sizes = [b.shape[0] for b in _anchor_blocks(a, r)[0]]
     blocks = list(zip(u.split(sizes), a.split(sizes), r.split(sizes), strict=True))
     if want_a:
-        part = torch.cat([_anchor_grad(ub, rb.to(a.dtype), None) for ub, _, rb in blocks])
-        ga = part if ga is None else ga.add_(part) if _in_place() else ga + part
+        part = torch.cat([_anchor_grad(ub, rb.to(a.dtype), None, in_place) for ub, _, rb in blocks])
+        ga = part if ga is None else ga.add_(part) if in_place else ga + part
     if w is None:
         return ga, None
-    parts = [_rows_grad(ub, wb, ab, rb.to(a.dtype)) for (ub, ab, rb), wb in zip(blocks, w.split(sizes), strict=True)]
-    if not _in_place():
+    grads = zip(blocks, w.split(sizes), strict=True)
+    parts = [_rows_grad(ub, wb, ab, rb.to(a.dtype), in_place) for (ub, ab, rb), wb in grads]
+    if not in_place:
         return ga, torch.cat([x.to(r.dtype) for x in parts])
     gr = torch.empty_like(r)
     for block, x in zip(gr.split(sizes), parts, strict=True):
@@ -197,26 +205,26 @@ def _rows_backward(
     return ga, gr
 
 
-def _anchor_grad(u: torch.Tensor, r: torch.Tensor, ga: torch.Tensor | None) -> torch.Tensor:
+def _anchor_grad(u: torch.Tensor, r: torch.Tensor, ga: torch.Tensor | None, in_place: bool) -> torch.Tensor:
     """``ga + Σ_j u[c, j] r[c, j]`` (C, d), into ``ga`` where it may be written; one row: no (C, 1, d) temporary."""
     if r.shape[1] == 1:
         if ga is None:
             return r[:, 0] * u
-        return ga.addcmul_(r[:, 0], u) if _in_place() else torch.addcmul(ga, r[:, 0], u)
+        return ga.addcmul_(r[:, 0], u) if in_place else torch.addcmul(ga, r[:, 0], u)
     if r.shape[1] == 2 or is_compiling():  # (elementwise, not C batched (1, J) x (J, d))
         part = (r * u[..., None]).sum(1)
-        return part if ga is None else ga.add_(part) if _in_place() else ga + part
+        return part if ga is None else ga.add_(part) if in_place else ga + part
     if ga is None:
         return torch.matmul(u[:, None, :], r).squeeze(1)
-    if _in_place():
+    if in_place:
         ga[:, None, :].baddbmm_(u[:, None, :], r)
         return ga
     return torch.baddbmm(ga[:, None, :], u[:, None, :], r).squeeze(1)
 
 
-def _rows_grad(u: torch.Tensor, w: torch.Tensor, a: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+def _rows_grad(u: torch.Tensor, w: torch.Tensor, a: torch.Tensor, r: torch.Tensor, in_place: bool) -> torch.Tensor:
     gr = u[..., None] * a[:, None, :]  # (C, J, d): the one tensor of r's size written; -w r is added in place
-    if _in_place():
+    if in_place:
         return gr.addcmul_(r, w[..., None], value=-1)
     return torch.addcmul(gr, r, w[..., None], value=-1)
 
@@ -265,6 +273,7 @@ class _EagerCosineRows(_CosineRows):
     ) -> tuple[torch.Tensor, ...]:
         output = _forward(scale, a, [first] if second is None else [first, second])
         _CosineRows.setup_context(ctx, (scale, a, first, second), output)
+        ctx.set_materialize_grads(False)  # the norms' and dots' gradients stay None, not zeros made for nothing
         return output
 
     setup_context = torch.autograd.Function.setup_context  # not defined: the old calling convention

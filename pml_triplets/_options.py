@@ -19,7 +19,7 @@ from pytorch_metric_learning.losses import CrossBatchMemory, NTXentLoss
 from pytorch_metric_learning.reducers import DoNothingReducer, MeanReducer
 
 from ._similarity import Similarity
-from ._validation import Temperature, check_temperature
+from ._validation import Temperature, check_temperature, is_compiling
 from .ntxent import NTXentLoss as DropInNTXentLoss
 
 __all__: list[str] = []  # private module
@@ -58,7 +58,15 @@ class Options:
 
     @property
     def similarity(self) -> Similarity:
-        return Similarity.of(None if self.loss_fn is None else self.loss_fn.distance)
+        # Made once per Options in eager mode (the engine asks a few times a call). Not while compiling, where it
+        # costs nothing at run time and a traced map body may not mutate what it closes over; not with
+        # functools.cached_property either, whose lock torch.compile cannot trace.
+        sim: Similarity | None = self.__dict__.get("_similarity")
+        if sim is None:
+            sim = Similarity.of(None if self.loss_fn is None else self.loss_fn.distance)
+            if not is_compiling():
+                object.__setattr__(self, "_similarity", sim)
+        return sim
 
     @property
     def reduction(self) -> Reduction:
@@ -173,8 +181,37 @@ def _real(name: str, value: object) -> float:
     return value  # type: ignore[return-value]
 
 
+_CHECKED: dict[tuple[object, ...], Options] = {}  # options of plain Python values, by (name, type, value): checked
+
+
 def make_options(**given: object) -> Options:
-    """Check every option (unknown names included) and return them normalized; raises naming the argument."""
+    """Check every option (unknown names included) and return them normalized; raises naming the argument.
+
+    Options of plain Python values (no tensor, no ``loss_fn``: nothing that may change between calls) are checked
+    once; a training loop's later calls look them up (a dict lookup instead of about 20 µs of checks).
+    """
+    key = _key(given)
+    checked = None if key is None else _CHECKED.get(key)
+    if checked is not None:
+        return checked
+    opts = _check(given)
+    if key is not None and len(_CHECKED) < 256:
+        _CHECKED[key] = opts
+    return opts
+
+
+def _key(given: dict[str, object]) -> tuple[object, ...] | None:
+    if given.get("loss_fn") is not None or is_compiling() or any(isinstance(v, torch.Tensor) for v in given.values()):
+        return None
+    key = tuple((name, type(value), value) for name, value in given.items())  # (1 and True are equal, not alike)
+    try:
+        hash(key)
+    except TypeError:  # a list of directions, say
+        return None
+    return key
+
+
+def _check(given: dict[str, object]) -> Options:
     unknown = sorted(set(given) - set(NAMES))
     if unknown:
         raise TypeError(f"unknown option(s) {unknown}; the options are {NAMES}")

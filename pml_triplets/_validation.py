@@ -128,9 +128,14 @@ def check_temperature(temperature: object) -> Temperature:
     raise TypeError(f"`temperature` must be a float or a 0-d tensor; got {type(temperature).__name__}")
 
 
+# torch.compiler.is_compiling arrived in torch 2.3; torch._dynamo's has the same meaning before it. (Both bound once:
+# the engine asks a dozen times a call.)
+_IS_COMPILING = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+_PEEK_INTERPRETER = torch._C._functorch.peek_interpreter_stack
+
+
 def is_compiling() -> bool:
-    # torch.compiler.is_compiling arrived in torch 2.3; torch._dynamo's has the same meaning before it.
-    return bool(getattr(torch.compiler, "is_compiling", torch._dynamo.is_compiling)())
+    return bool(_IS_COMPILING())
 
 
 def autocast_enabled(device_type: str) -> bool:
@@ -144,7 +149,7 @@ def autocast_enabled(device_type: str) -> bool:
 
 def transformed() -> bool:
     """Whether a torch.func transform (grad, vjp, vmap, ...) is active around this call."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    return _PEEK_INTERPRETER() is not None
 
 
 def _check_positive(value: float) -> float:
@@ -299,9 +304,13 @@ def prepare(data: Data, in_batch: bool, filtering: bool, hardness_mode: str | No
     work = torch.float32 if spec.dtype in (torch.float16, torch.bfloat16) else spec.dtype
     guides = _check_guide(guide, spec, positives, filtering, shared is not None, work)
     n, k = spec.n, spec.k
-    shared = None if shared is None else shared.to(work)
-    p, pid = positives.to(work).reshape(n, k, -1), None if pid is None else pid.reshape(n, k)
-    return Batch(spec, anchors.to(work), p, negatives, mask, shared, pid, nid, sid, guides)
+    shared = None if shared is None else _as(shared, work)
+    p, pid = _as(positives, work).reshape(n, k, -1), None if pid is None else pid.reshape(n, k)
+    return Batch(spec, _as(anchors, work), p, negatives, mask, shared, pid, nid, sid, guides)
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)  # (a no-op .to still parses its arguments: microseconds a call)
 
 
 def _check_guide(

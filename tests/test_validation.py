@@ -195,6 +195,21 @@ def test_type_errors(overrides: dict, match: str) -> None:
         call(**overrides)
 
 
+def test_checked_options_are_remembered_but_never_for_a_look_alike_or_a_tensor() -> None:
+    # Options of plain values are checked once; the memo must not let an equal value of another type through
+    # (1 == True), and a tensor temperature (whose value may change between calls) is checked at every call.
+    call(in_batch=True)
+    with pytest.raises(TypeError, match=r"`in_batch` must be a bool"):
+        call(in_batch=1)
+    tau = torch.tensor(0.1)
+    call(temperature=tau)
+    tau.fill_(-1.0)
+    with pytest.raises(ValueError, match=r"`temperature` must be positive"):
+        call(temperature=tau)
+    both = ["anchor_to_positive", "anchor_to_anchor"]  # a list: unhashable, checked at every call
+    assert torch.equal(call(in_batch=True, directions=both), call(in_batch=True, directions=tuple(both)))
+
+
 def test_rejected_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:
     from pml_triplets import _engine
 

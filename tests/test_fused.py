@@ -95,6 +95,7 @@ def test_one_or_two_rows_tensors() -> None:
         _fused.cosine_rows(a, rows)
 
 
+@pytest.mark.slow
 def test_compiled_without_gradients_equals_eager() -> None:
     # Dynamo traces the forward alone when no input needs a gradient (the fixed signature's reason).
     torch._dynamo.reset()

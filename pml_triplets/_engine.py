@@ -27,7 +27,7 @@ from . import _distributed
 from ._blocks import Context, Rows, chunk_loss, pool_excluded, shared_excluded
 from ._options import A2A, P2A, P2P, Options
 from ._reduce import check_reducer, reduce
-from ._validation import Batch, Data, Spec, Temperature, autocast_enabled, is_compiling, prepare, transformed
+from ._validation import Batch, Data, Spec, Temperature, as_dtype, autocast_enabled, is_compiling, prepare, transformed
 
 __all__: list[str] = []  # private module
 
@@ -66,7 +66,7 @@ def evaluate(opts: Options, tau: Temperature, data: Data) -> torch.Tensor:
                 [checkpoint(one, r, ctx, use_reentrant=False) if recompute else one(r, ctx) for r in rows.split(size)]
             )
         loss = reduce(opts, per_pair, batch.a, spec.k)
-        return loss if loss.dtype == spec.dtype else loss.to(spec.dtype)
+        return as_dtype(loss, spec.dtype)
 
 
 def _mapped(opts: Options, tau: Temperature, k: int, rows: Rows, ctx: Context, size: int) -> torch.Tensor:

@@ -109,7 +109,8 @@ def _in_place() -> bool:
 def _forward(scale: float, a: torch.Tensor, rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """``(*s, norm of a, *norms, *dots)``: ``s``, norms and raw dots (C, J) per ``r``, in ``a``'s dtype."""
     norm = torch.linalg.vector_norm(a, dim=-1, keepdim=True)  # (C, 1)
-    den = norm.clamp_min(_EPS) if scale == 1.0 else norm.clamp_min(_EPS) / scale
+    den = norm.clamp_min(_EPS)
+    den = den if scale == 1.0 else den / scale
     parts = [_norms_dots(a, r) for r in rows]
     s = [dots / (n.clamp_min(_EPS) * den) for n, dots in parts]
     return (*s, norm, *(n for n, _ in parts), *(dots for _, dots in parts))

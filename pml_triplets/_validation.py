@@ -304,12 +304,12 @@ def prepare(data: Data, in_batch: bool, filtering: bool, hardness_mode: str | No
     work = torch.float32 if spec.dtype in (torch.float16, torch.bfloat16) else spec.dtype
     guides = _check_guide(guide, spec, positives, filtering, shared is not None, work)
     n, k = spec.n, spec.k
-    shared = None if shared is None else _as(shared, work)
-    p, pid = _as(positives, work).reshape(n, k, -1), None if pid is None else pid.reshape(n, k)
-    return Batch(spec, _as(anchors, work), p, negatives, mask, shared, pid, nid, sid, guides)
+    shared = None if shared is None else as_dtype(shared, work)
+    p, pid = as_dtype(positives, work).reshape(n, k, -1), None if pid is None else pid.reshape(n, k)
+    return Batch(spec, as_dtype(anchors, work), p, negatives, mask, shared, pid, nid, sid, guides)
 
 
-def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)  # (a no-op .to still parses its arguments: microseconds a call)
 
 

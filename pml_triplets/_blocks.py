@@ -66,6 +66,7 @@ class Context:
     shared: torch.Tensor | None  # (S, d)
     g_shared: torch.Tensor | None  # (S, g)
     shared_ids: torch.Tensor | None = None  # (S,) item ids of the shared negatives
+    shared_unused: torch.Tensor | None = None  # (S,) shared rows that are no negative (a queue's empty slots)
     pool: torch.Tensor | None = None  # (R, d): every row's K positives, then every row's M negatives (R = T*(K + M))
     pool_excluded: torch.Tensor | None = None  # (R,) negatives no anchor may use (masked, or clashing everywhere)
     pool_ids: torch.Tensor | None = None  # (R,) item ids (below every positive id for negatives without)
@@ -228,11 +229,18 @@ def _blocks(
             yield P2A, block(pa, r.rows[:, None, None].expand(-1, k, 1), None, g)
 
 
+def same_item(ids: torch.Tensor, positive_ids: torch.Tensor) -> torch.Tensor:
+    """``ids == positive_ids`` (broadcast), where the positive id is known: a negative id clashes with nothing."""
+    return (ids == positive_ids) & (positive_ids >= 0)
+
+
 def shared_excluded(r: Rows, ctx: Context) -> torch.Tensor | None:
-    """(C, S) bool: the shared negatives with the id of one of the anchor's positives, or None without ids."""
-    if ctx.shared_ids is None or r.pid is None:
-        return None
-    return (ctx.shared_ids[None, :, None] == r.pid[:, None, :]).any(-1)
+    """(C, S) bool: shared rows that are not the anchor's negatives (unused, or an id clash), or None for none."""
+    out = None if ctx.shared_unused is None else ctx.shared_unused[None, :].expand(r.a.shape[0], -1)
+    if ctx.shared_ids is not None and r.pid is not None:
+        clash = same_item(ctx.shared_ids[None, :, None], r.pid[:, None, :]).any(-1)  # (C, S)
+        out = clash if out is None else out | clash
+    return out
 
 
 def pool_excluded(r: Rows, ctx: Context, own_row: bool = True) -> torch.Tensor | None:
@@ -243,7 +251,7 @@ def pool_excluded(r: Rows, ctx: Context, own_row: bool = True) -> torch.Tensor |
     """
     out = None if ctx.pool_excluded is None else ctx.pool_excluded[None, :].expand(r.rows.shape[0], -1)
     if ctx.pool_ids is not None and r.pid is not None:
-        clash = (ctx.pool_ids[None, :, None] == r.pid[:, None, :]).any(-1)  # (C, R)
+        clash = same_item(ctx.pool_ids[None, :, None], r.pid[:, None, :]).any(-1)  # (C, R)
         out = clash if out is None else out | clash
     if own_row and ctx.pool is not None and r.own is not None:
         mine = torch.zeros(r.rows.shape[0], ctx.pool.shape[0], dtype=torch.bool, device=r.rows.device)

@@ -24,7 +24,7 @@ from pytorch_metric_learning.losses import NTXentLoss
 from torch.utils.checkpoint import checkpoint
 
 from . import _distributed
-from ._blocks import Context, Rows, chunk_loss, pool_excluded, shared_excluded
+from ._blocks import Context, Rows, chunk_loss, pool_excluded, same_item, shared_excluded
 from ._options import A2A, P2A, P2P, Options
 from ._reduce import check_reducer, reduce
 from ._validation import Batch, Data, Spec, Temperature, as_dtype, autocast_enabled, is_compiling, prepare, transformed
@@ -155,12 +155,13 @@ def _layout(opts: Options, batch: Batch) -> tuple[Rows, Context]:
         everyone[1] = torch.where(unused[..., None], everyone[1].new_zeros(()), everyone[1])
     valid = batch.mask
     if nid is not None and pid is not None:
-        clash = (nid[:, :, None] == pid[:, None, :]).any(-1)  # (N, M) the same item as one of its own positives
+        clash = same_item(nid[:, :, None], pid[:, None, :]).any(-1)  # (N, M) the same item as one of its positives
         valid = ~clash if valid is None else valid & ~clash
     rows = torch.arange(offset, offset + spec.n, device=spec.device)  # (N,) global rows
     norm = partial(_normalize, opts, spec)
     shared = None if batch.shared is None else norm(batch.shared)
-    ctx = Context(shared, _unit(batch.shared) if unit else None, batch.sid)
+    unused_shared = None if batch.shared_mask is None else ~batch.shared_mask
+    ctx = Context(shared, _unit(batch.shared) if unit else None, batch.sid, unused_shared)
     if not opts.in_batch:  # what the similarity normalizes itself (fused: anchors and their rows) stays as it is
         rows_of = partial(_normalize, opts, spec, fused=fused)
         neg = None if everyone[1] is None else rows_of(everyone[1])
@@ -202,9 +203,9 @@ def _unused(
     if pid is not None and nid is not None:
         if in_batch:  # an id held by every row is held by row 0: test row 0's ids only, O(T*K*(K + M))
             common = (pid[None, :, :] == pid[0][:, None, None]).any(-1).all(-1)  # (K,) row 0's ids held by all
-            everywhere = ((nid[..., None] == pid[0]) & common).any(-1)  # (T, M)
+            everywhere = (same_item(nid[..., None], pid[0]) & common).any(-1)  # (T, M)
         else:
-            everywhere = (nid[:, :, None] == pid[:, None, :]).any(-1)  # (T, M)
+            everywhere = same_item(nid[:, :, None], pid[:, None, :]).any(-1)  # (T, M)
         unused = everywhere if unused is None else unused | everywhere
     return unused
 
@@ -225,8 +226,8 @@ def _pool(
     emb = [norm(x.reshape(-1, d)) for x in (p, neg) if x is not None]  # R = T*(K + M) rows
     excluded = None if unused is None else torch.cat([unused.new_zeros(total * k), unused.reshape(-1)])  # (R,)
     ids = None
-    if pid is not None:  # negatives without ids get one below every positive id: they never clash
-        unknown = None if neg is None or nid is not None else (pid.long().min() - 1).expand(total * spec.m)
+    if pid is not None:  # negatives without ids get the unknown id -1: they never clash
+        unknown = None if neg is None or nid is not None else pid.new_full((total * spec.m,), -1, dtype=torch.long)
         ids = torch.cat([x.reshape(-1).long() for x in (pid, nid, unknown) if x is not None])  # (R,)
     g_pool = [g.flatten(0, 1) for g in (gp, gn) if g is not None]
     return replace(

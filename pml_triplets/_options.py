@@ -61,9 +61,11 @@ class Options:
         # Made once per Options in eager mode (the engine asks a few times a call). Not while compiling, where it
         # costs nothing at run time and a traced map body may not mutate what it closes over; not with
         # functools.cached_property either, whose lock torch.compile cannot trace.
+        # Remade when loss_fn's distance was replaced (its attributes are read by the Similarity when used).
+        distance = None if self.loss_fn is None else self.loss_fn.distance
         sim: Similarity | None = self.__dict__.get("_similarity")
-        if sim is None:
-            sim = Similarity.of(None if self.loss_fn is None else self.loss_fn.distance)
+        if sim is None or sim.distance is not distance:
+            sim = Similarity.of(distance)
             if not is_compiling():
                 object.__setattr__(self, "_similarity", sim)
         return sim
@@ -135,13 +137,16 @@ NAMES = tuple(f.name for f in fields(Options))
 
 
 def document() -> str:
-    """The options as a Google-style ``Args:`` list (8-space indent), for the entry points' docstrings."""
+    """The options as Google-style ``Args:`` entries (8-space indent), for the entry points' docstrings.
+
+    The first line is not indented: it replaces a ``{options}`` placeholder that stands at the entries' indent.
+    """
     return "\n".join(
         textwrap.fill(
             f"{name}: {' '.join(DOCS[name].split())}", 116, initial_indent=" " * 8, subsequent_indent=" " * 12
         )
         for name in NAMES
-    )
+    ).lstrip()
 
 
 def plain_ntxent(loss_fn: NTXentLoss) -> bool:

@@ -21,9 +21,9 @@ __all__: list[str] = []  # private module
 Temperature = float | torch.Tensor
 Guide = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 Tensor = torch.Tensor | None
-Data = tuple[torch.Tensor, torch.Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, object]
+Data = tuple[torch.Tensor, torch.Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, object, Tensor]
 """A call's data, as given: anchors, positives, negatives, negatives_mask, shared_negatives, positive_ids,
-negative_ids, shared_negative_ids, guide."""
+negative_ids, shared_negative_ids, guide, and the shared rows' mask (a queue's filled slots, inside torch.compile)."""
 
 
 @dataclass(frozen=True)
@@ -56,16 +56,29 @@ class Batch:
     nid: torch.Tensor | None  # (N, M)
     sid: torch.Tensor | None  # (S,)
     guide: Guide | None  # unit rows, no grad: (N, g), (N, K, g), (N, M, g) or None
+    shared_mask: torch.Tensor | None = None  # (S,) True for a real shared negative (a queue's filled slots)
 
 
 def _shape(x: torch.Tensor) -> str:
     return "(" + ", ".join(str(v) for v in x.shape) + ("," if x.ndim == 1 else "") + ")"
 
 
+_STACKED = {  # what a list of per-row tensors becomes
+    "positives": "torch.stack(positives, dim=1) makes the [N, K, d] tensor of K positives per anchor",
+    "negatives": "torch.stack(negatives, dim=1) makes the [N, M, d] tensor of M negatives per anchor",
+}
+
+
 def _tensor(name: str, x: object) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         numpy = sys.modules.get("numpy")  # an ndarray exists only if numpy was imported: never import it here
-        hint = " (convert it with torch.from_numpy(...))" if numpy is not None and isinstance(x, numpy.ndarray) else ""
+        hint = ""
+        if numpy is not None and isinstance(x, numpy.ndarray):
+            hint = " (convert it with torch.from_numpy(...))"
+        elif isinstance(x, (list, tuple)) and x and all(isinstance(t, torch.Tensor) for t in x):
+            shapes = ", ".join(str(list(t.shape)) for t in x[:3]) + (", ..." if len(x) > 3 else "")
+            stack = _STACKED.get(name, "pass one tensor: torch.stack or torch.cat the list")
+            hint = f" of {len(x)} tensors ({shapes}); {stack}"
         raise TypeError(f"`{name}` must be a torch.Tensor; got {type(x).__name__}{hint}")
     if x.is_nested:
         raise TypeError(f"`{name}` must be a dense tensor; got a nested tensor (pad it and pass a mask)")
@@ -78,9 +91,14 @@ def _tensor(name: str, x: object) -> torch.Tensor:
 
 def _floating(name: str, x: torch.Tensor) -> None:
     if not x.is_floating_point():
+        hint = " (cast with .float())"
+        if name == "positives" and x.ndim == 1:  # infonce(embeddings, labels): PML's call, here
+            hint = (
+                ": class labels? `infonce` takes embeddings (anchors [N, d], positives [N, d], negatives [N, M, d]); "
+                "for embeddings and labels, call the loss as PML does: pt.NTXentLoss()(embeddings, labels)"
+            )
         raise TypeError(
-            f"`{name}` must hold floating-point embeddings; got dtype {x.dtype} with shape {_shape(x)}"
-            " (cast with .float())"
+            f"`{name}` must hold floating-point embeddings; got dtype {x.dtype} with shape {_shape(x)}{hint}"
         )
 
 
@@ -297,7 +315,7 @@ def _same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
 
 def prepare(data: Data, in_batch: bool, filtering: bool, hardness_mode: str | None) -> Batch:
     """Validate ``data`` (the call's arguments, in :data:`Data`'s order), then bring it into the engine's form."""
-    anchors, positives, negatives, mask, shared, pid, nid, sid, guide = data
+    anchors, positives, negatives, mask, shared, pid, nid, sid, guide, shared_mask = data
     spec = check_inputs(*data[:8], in_batch=in_batch)
     if hardness_mode == "own" and spec.m == 0:
         raise ValueError("`hardness_mode='own'` weighs each anchor's own negatives, and `negatives` is None")
@@ -306,7 +324,7 @@ def prepare(data: Data, in_batch: bool, filtering: bool, hardness_mode: str | No
     n, k = spec.n, spec.k
     shared = None if shared is None else as_dtype(shared, work)
     p, pid = as_dtype(positives, work).reshape(n, k, -1), None if pid is None else pid.reshape(n, k)
-    return Batch(spec, as_dtype(anchors, work), p, negatives, mask, shared, pid, nid, sid, guides)
+    return Batch(spec, as_dtype(anchors, work), p, negatives, mask, shared, pid, nid, sid, guides, shared_mask)
 
 
 def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

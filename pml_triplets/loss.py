@@ -8,6 +8,7 @@ temperature. PML calls it ``NTXentLoss``.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from pytorch_metric_learning.losses import NTXentLoss
@@ -72,92 +73,97 @@ def infonce(  # noqa: D417 (the options' descriptions are filled in from _option
 ) -> torch.Tensor:
     r"""InfoNCE of each anchor against its positive(s) and negatives, with ``NTXentLoss``'s conventions.
 
-        For each anchor ``i`` and each of its positives ``k``, with ``s`` the similarity of ``loss_fn``'s distance
-        (cosine by default; a distance such as ``LpDistance`` enters negated) and ``τ`` the temperature:
+    For each anchor ``i`` and each of its positives ``k``, with ``s`` the similarity of ``loss_fn``'s distance
+    (cosine by default; a distance such as ``LpDistance`` enters negated) and ``τ`` the temperature:
 
-        .. math::
-            \ell_{ik} = -\log \frac{e^{s(a_i, p_{ik})/τ}}{e^{s(a_i, p_{ik})/τ} + \sum_{c \in Neg(i)} e^{s(a_i, c)/τ}}
+    .. math::
+        \ell_{ik} = -\log \frac{e^{s(a_i, p_{ik})/τ}}{e^{s(a_i, p_{ik})/τ} + \sum_{c \in Neg(i)} e^{s(a_i, c)/τ}}
 
-        reduced by ``loss_fn``'s reducer and embedding regularizer as ``NTXentLoss.forward`` applies them (mean over
-        the N*K pairs by default; ``DoNothingReducer`` gives the (N*K,) per-pair losses, anchor-major). ``Neg(i)``
-        holds anchor i's unmasked negatives, every shared negative, and with ``in_batch`` every other row's positives
-        and unmasked negatives -- minus any candidate whose id equals one of anchor i's positive ids. An anchor left
-        with no negatives has ``ℓ = 0`` and still counts in the mean.
+    reduced by ``loss_fn``'s reducer and embedding regularizer as ``NTXentLoss.forward`` applies them (mean over
+    the N*K pairs by default; ``DoNothingReducer`` gives the (N*K,) per-pair losses, anchor-major). ``Neg(i)``
+    holds anchor i's unmasked negatives, every shared negative, and with ``in_batch`` every other row's positives
+    and unmasked negatives -- minus any candidate whose id equals one of anchor i's positive ids. An anchor left
+    with no negatives has ``ℓ = 0`` and still counts in the mean.
 
-        Which engine computes it: the default dense engine computes the logits itself from the distance (it never
-        calls ``NTXentLoss``); ``engine="pml"`` (and any ``NTXentLoss`` subclass that overrides its loss) calls
-        ``loss_fn.compute_loss`` on each chunk's pairs with a 4-tuple, ``embeddings = anchors`` and
-        ``ref_emb = cat([positives, negatives, shared, in-batch])``. Both return the same value to float rounding.
+    Which engine computes it: the default dense engine computes the logits itself from the distance (it never
+    calls ``NTXentLoss``); ``engine="pml"`` (and any ``NTXentLoss`` subclass that overrides its loss) calls
+    ``loss_fn.compute_loss`` on each chunk's pairs with a 4-tuple, ``embeddings = anchors`` and
+    ``ref_emb = cat([positives, negatives, shared, in-batch])``. Both return the same value to float rounding.
 
     Args:
-            anchors: ``[N, d]``.
-            positives: ``[N, d]``, or ``[N, K, d]`` for K positives per anchor (one loss term each; an anchor's other
-                positives are not its negatives).
-            negatives: ``[N, M, d]`` negatives of each anchor, or ``None`` when ``shared_negatives`` or ``in_batch``
-                supply them. A 2-D tensor is rejected: use ``negatives.unsqueeze(1)`` for one negative per anchor.
-            negatives_mask: ``[N, M]`` bool, ``True`` for a real negative. Masked rows influence neither the loss nor
-                any gradient, whatever values they hold.
-            shared_negatives: ``[S, d]`` negatives of every anchor (a memory bank or a queue).
-            positive_ids: ``[N]`` or ``[N, K]`` integer ids of the positives. A candidate with the same id as one of
-                anchor i's positives is never its negative. Needs ``negative_ids``, ``shared_negative_ids`` or
-                ``in_batch``.
-            negative_ids: ``[N, M]`` integer ids of ``negatives``; needs ``positive_ids``.
-            shared_negative_ids: ``[S]`` integer ids of ``shared_negatives``; needs ``positive_ids``.
-            queue: a :class:`~pml_triplets.NegativeQueue`: its filled rows and ids as ``shared_negatives`` and
-                ``shared_negative_ids`` (the rows in the anchors' dtype; the ids when ``positive_ids`` are given); not
-                together with them.
-            guide: ``(anchors [N, g], positives [N, g] or [N, K, g], negatives [N, M, g] or None)`` embeddings of a
-                guide model (any width g; no gradient flows into them), for ``false_negative_margin``.
-    {options}
+        anchors: ``[N, d]``.
+        positives: ``[N, d]``, or ``[N, K, d]`` for K positives per anchor (one loss term each; an anchor's other
+            positives are not its negatives).
+        negatives: ``[N, M, d]`` negatives of each anchor, or ``None`` when ``shared_negatives`` or ``in_batch``
+            supply them. A 2-D tensor is rejected: use ``negatives.unsqueeze(1)`` for one negative per anchor.
+        negatives_mask: ``[N, M]`` bool, ``True`` for a real negative. Masked rows influence neither the loss nor
+            any gradient, whatever values they hold.
+        shared_negatives: ``[S, d]`` negatives of every anchor (a memory bank or a queue).
+        positive_ids: ``[N]`` or ``[N, K]`` integer ids of the positives. A candidate with the same id as one of
+            anchor i's positives is never its negative. A negative id means "unknown", here and in every other id
+            argument: it clashes with nothing. Needs ``negative_ids``, ``shared_negative_ids`` or ``in_batch``.
+        negative_ids: ``[N, M]`` integer ids of ``negatives``; needs ``positive_ids``.
+        shared_negative_ids: ``[S]`` integer ids of ``shared_negatives``; needs ``positive_ids``.
+        queue: a :class:`~pml_triplets.NegativeQueue`: its filled rows and ids as ``shared_negatives`` and
+            ``shared_negative_ids`` (the rows in the anchors' dtype; the ids when ``positive_ids`` are given); not
+            together with them.
+        guide: ``(anchors [N, g], positives [N, g] or [N, K, g], negatives [N, M, g] or None)`` embeddings of a
+            guide model (any width g; no gradient flows into them), for ``false_negative_margin``.
+        {options}
 
     Returns:
-            A 0-d tensor with the inputs' dtype and device, differentiable w.r.t. all inputs and a tensor temperature.
-            Float16/bfloat16 inputs (and ``torch.autocast`` regions) are computed in float32, then cast back.
+        A 0-d tensor with the inputs' dtype and device, differentiable w.r.t. all inputs and a tensor temperature.
+        Float16/bfloat16 inputs (and ``torch.autocast`` regions) are computed in float32, then cast back.
 
     Raises:
-            TypeError: a non-tensor, non-floating, sparse or nested input, inputs of different dtypes (they are
-                not promoted), a ``loss_fn`` that is not an ``NTXentLoss``, an option of the wrong type.
-            ValueError: a shape that disagrees (the message names the argument, the expected and the actual shape,
-                and which argument fixed the size), an empty batch, no negatives at all, a temperature <= 0, inputs
-                on different devices or on the meta device, an option that would do nothing. A tensor temperature on
-                an accelerator or inside ``torch.compile`` is checked by a device-side assertion (``RuntimeError``),
-                never by a host sync.
+        TypeError: a non-tensor, non-floating, sparse or nested input, inputs of different dtypes (they are
+            not promoted), a ``loss_fn`` that is not an ``NTXentLoss``, an option of the wrong type.
+        ValueError: a shape that disagrees (the message names the argument, the expected and the actual shape,
+            and which argument fixed the size), an empty batch, no negatives at all, a temperature <= 0, inputs
+            on different devices or on the meta device, an option that would do nothing. A tensor temperature on
+            an accelerator or inside ``torch.compile`` is checked by a device-side assertion (``RuntimeError``),
+            never by a host sync.
 
     Example:
-            >>> import torch, pml_triplets as pt
-            >>> e0, e1, e2 = torch.eye(3, dtype=torch.float64)
-            >>> a, p, n = e0[None], e0[None], torch.stack([e1, e2])[None]  # [1, 3], [1, 3], [1, 2, 3]
-            >>> loss = pt.infonce(a, p, n, temperature=0.5)
-            >>> torch.isclose(loss, torch.log1p(2 * torch.exp(torch.tensor(-1 / 0.5, dtype=torch.float64)))).item()
-            True
+        >>> import torch, pml_triplets as pt
+        >>> e0, e1, e2 = torch.eye(3, dtype=torch.float64)
+        >>> a, p, n = e0[None], e0[None], torch.stack([e1, e2])[None]  # [1, 3], [1, 3], [1, 2, 3]
+        >>> loss = pt.infonce(a, p, n, temperature=0.5)
+        >>> torch.isclose(loss, torch.log1p(2 * torch.exp(torch.tensor(-1 / 0.5, dtype=torch.float64)))).item()
+        True
     """
     opts = make_options(**_options(locals()))
     tau = _temperature(opts)
-    shared, shared_ids = from_queue(queue, shared_negatives, shared_negative_ids, positive_ids, anchors)
-    data = (anchors, positives, negatives, negatives_mask, shared, positive_ids, negative_ids, shared_ids, guide)
+    others = negatives is not None or in_batch
+    shared, shared_ids, shared_mask = from_queue(queue, shared_negatives, shared_negative_ids, positive_ids, anchors,
+                                                 others)  # fmt: skip
+    data = (anchors, positives, negatives, negatives_mask, shared, positive_ids, negative_ids, shared_ids, guide,
+            shared_mask)  # fmt: skip
     return evaluate(opts, tau, data)
 
 
 class InfoNCE(nn.Module):
     """``nn.Module`` form of :func:`infonce`: configuration in the constructor, data in ``forward``.
 
-        A tensor ``temperature`` is registered on the module as ``tau``: an ``nn.Parameter`` as a parameter
-        (``parameters()``, ``state_dict()``, ``.double()`` see it), any other tensor as a buffer.
-        ``loss_fn`` is a registered submodule, so ``.to(device)`` moves it; nothing is ever written into it.
+    A tensor ``temperature`` is registered on the module as ``tau``: an ``nn.Parameter`` as a parameter
+    (``parameters()``, ``state_dict()``, ``.double()`` see it), any other tensor as a buffer.
+    ``loss_fn`` is a registered submodule, so ``.to(device)`` moves it; nothing is ever written into it. Its
+    current state is read at every call (its distance, temperature and reducer); assigning a new one
+    (``module.loss_fn = fn``) is checked as the constructor checks it.
 
     Args:
-            learnable_temperature: own a parameter ``log_temperature`` initialised to ``log(temperature)``; the
-                temperature ``exp(log_temperature)`` stays positive.
-    {options}
+        learnable_temperature: own a parameter ``log_temperature`` initialised to ``log(temperature)``; the
+            temperature ``exp(log_temperature)`` stays positive.
+        {options}
 
     Example:
-            >>> import torch, pml_triplets as pt
-            >>> criterion = pt.InfoNCE(temperature=0.1, learnable_temperature=True)
-            >>> a, p, n = torch.randn(8, 16), torch.randn(8, 16), torch.randn(8, 5, 16)
-            >>> loss = criterion(a, p, n)
-            >>> loss.backward()
-            >>> criterion.log_temperature.grad is not None
-            True
+        >>> import torch, pml_triplets as pt
+        >>> criterion = pt.InfoNCE(temperature=0.1, learnable_temperature=True)
+        >>> a, p, n = torch.randn(8, 16), torch.randn(8, 16), torch.randn(8, 5, 16)
+        >>> loss = criterion(a, p, n)
+        >>> loss.backward()
+        >>> criterion.log_temperature.grad is not None
+        True
     """
 
     def __init__(
@@ -194,6 +200,13 @@ class InfoNCE(nn.Module):
             start = float(torch.as_tensor(_temperature(self.options)).detach().double())
             self.log_temperature = nn.Parameter(torch.tensor(math.log(start)))
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``module.loss_fn = fn`` after construction is checked as the constructor checks it, then used."""
+        if name == "loss_fn" and "options" in self.__dict__:
+            given = {option: getattr(self.options, option) for option in NAMES}
+            self.__dict__["options"] = make_options(**{**given, "loss_fn": value})
+        super().__setattr__(name, value)
+
     @property
     def temperature(self) -> Temperature:
         """The temperature in use: ``exp(log_temperature)`` when learnable, else the given one (or loss_fn's)."""
@@ -216,8 +229,11 @@ class InfoNCE(nn.Module):
         guide: Guide | None = None,
     ) -> torch.Tensor:
         """The loss for one batch; arguments and shapes as in :func:`infonce`."""
-        shared, shared_ids = from_queue(queue, shared_negatives, shared_negative_ids, positive_ids, anchors)
-        data = (anchors, positives, negatives, negatives_mask, shared, positive_ids, negative_ids, shared_ids, guide)
+        others = negatives is not None or self.options.in_batch
+        shared, shared_ids, shared_mask = from_queue(queue, shared_negatives, shared_negative_ids, positive_ids,
+                                                     anchors, others)  # fmt: skip
+        data = (anchors, positives, negatives, negatives_mask, shared, positive_ids, negative_ids, shared_ids, guide,
+                shared_mask)  # fmt: skip
         return evaluate(self.options, self.temperature, data)
 
     def extra_repr(self) -> str:

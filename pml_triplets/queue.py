@@ -5,6 +5,10 @@ Memory banks give many negatives without big batches (He et al. 2020, "Momentum 
 none, and a queue can hold an earlier copy of an anchor's own positive, which would then be its negative. Here each
 queued row keeps the id of the item it embeds, and the loss drops a queued row whose id is one of the anchor's
 positive ids, as ``negative_ids`` does for per-anchor negatives.
+
+Writes are copy-on-write: ``enqueue`` puts new buffers in place of the old ones, so a loss computed before it keeps
+the rows and ids it was computed with until its backward pass (MoCo's order: loss, enqueue, backward) -- with
+chunks recomputed in the backward pass, too. It costs one copy of the buffers per ``enqueue``.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ import torch
 from torch import nn
 
 from . import _distributed
+from ._validation import is_compiling
 
 __all__ = ["NegativeQueue"]
 
-UNKNOWN = -1  # the id of a row enqueued without ids: it never equals a positive id (ids are >= 0)
+UNKNOWN = -1  # the id of a row enqueued without ids; a negative id is "unknown": it never clashes
 
 
 class NegativeQueue(nn.Module):
@@ -52,6 +57,7 @@ class NegativeQueue(nn.Module):
 
     embeddings: torch.Tensor
     item_ids: torch.Tensor
+    filled: torch.Tensor
 
     def __init__(
         self, size: int, dim: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
@@ -68,6 +74,8 @@ class NegativeQueue(nn.Module):
         self.size, self.dim = int(size), int(dim)
         self.register_buffer("embeddings", torch.zeros(self.size, self.dim, dtype=dtype, device=device))
         self.register_buffer("item_ids", torch.full((self.size,), UNKNOWN, dtype=torch.long, device=device))
+        # Which slots hold a row: what a compiled loss reads instead of the count (rebuilt from it on loading).
+        self.register_buffer("filled", torch.zeros(self.size, dtype=torch.bool, device=device), persistent=False)
         self.count = 0  # rows enqueued since the last reset: a Python int, so reading it never syncs a device
         self.has_ids = False  # whether a row was enqueued with ids since the last reset
 
@@ -91,9 +99,11 @@ class NegativeQueue(nn.Module):
     ) -> None:
         """Store ``embeddings`` ``[B, dim]`` (detached) and their ``ids`` ``[B]`` (ints), oldest rows overwritten.
 
-        With ``gather_across_devices`` under ``torch.distributed``, every rank enqueues every rank's rows in rank
-        order (ranks may hold different B), so the queues stay identical. Of more than ``size`` rows, the last
-        ``size`` are kept.
+        Without ``ids``, the rows get the id ``-1``: unknown, never excluded from any anchor's negatives. The
+        buffers are replaced by updated copies (a loss computed earlier keeps the rows it used). With
+        ``gather_across_devices`` under ``torch.distributed``, every rank enqueues every rank's rows in rank order
+        (ranks may hold different B), so the queues stay identical. Of more than ``size`` rows, the last ``size``
+        are kept.
         """
         x, given = self._check(embeddings, ids), ids is not None
         ids = torch.full((x.shape[0],), UNKNOWN, dtype=torch.long, device=x.device) if ids is None else ids.long()
@@ -105,8 +115,11 @@ class NegativeQueue(nn.Module):
         b = x.shape[0]
         kept = min(b, self.size)
         slots = (self.count + b - kept + torch.arange(kept, device=self.embeddings.device)) % self.size
-        self.embeddings[slots] = x[b - kept :].to(self.embeddings)
-        self.item_ids[slots] = ids[b - kept :].to(self.item_ids.device)
+        # Copies, not writes into the buffers: a loss computed before this call may still read the old ones.
+        self.embeddings = self.embeddings.index_copy(0, slots, x[b - kept :].to(self.embeddings))
+        self.item_ids = self.item_ids.index_copy(0, slots, ids[b - kept :].to(self.item_ids.device))
+        if self.count < self.size:
+            self.filled = self.filled.index_fill(0, slots, True)
         self.count += b
         self.has_ids = self.has_ids or given
 
@@ -129,6 +142,7 @@ class NegativeQueue(nn.Module):
     def reset(self) -> None:
         """Empty the queue (the buffers keep their values; no row is a negative until enqueued again)."""
         self.count, self.has_ids = 0, False
+        self.filled = torch.zeros_like(self.filled)
 
     def get_extra_state(self) -> dict[str, Any]:
         """The fill count (and whether ids were given), saved in ``state_dict()`` beside the buffers."""
@@ -137,6 +151,7 @@ class NegativeQueue(nn.Module):
     def set_extra_state(self, state: Any) -> None:
         """Restore the fill count from ``state_dict()``."""
         self.count, self.has_ids = int(state["count"]), bool(state["has_ids"])
+        self.filled = torch.arange(self.size, device=self.filled.device) < self.count
 
     def extra_repr(self) -> str:
         """Size, width, dtype and how many rows are filled."""
@@ -149,14 +164,18 @@ def from_queue(
     shared_ids: torch.Tensor | None,
     positive_ids: torch.Tensor | None,
     anchors: object,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(shared_negatives, shared_negative_ids)`` as the loss takes them: from ``queue=`` when it is given.
+    others: bool,
+    static: bool | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(shared_negatives, shared_negative_ids, shared_mask)`` as the loss takes them: from ``queue=`` if given.
 
-    The filled rows (none while the queue is empty), in the anchors' dtype (under autocast, say), and their ids
-    whenever ``positive_ids`` are given.
+    The filled rows, in the anchors' dtype (under autocast, say), and their ids whenever ``positive_ids`` are
+    given. ``others``: the call has other negatives (its own, or in-batch), so an empty queue is no error.
+    ``static`` (default: inside ``torch.compile``): the whole buffer and ``shared_mask`` ``[size]`` (True where a
+    slot is filled), whose shapes never change as the queue fills; else the filled rows and no mask.
     """
     if queue is None:
-        return shared, shared_ids
+        return shared, shared_ids, None
     if not isinstance(queue, NegativeQueue):
         raise TypeError(f"`queue` must be a pml_triplets.NegativeQueue; got {type(queue).__name__}")
     if shared is not None or shared_ids is not None:
@@ -165,7 +184,26 @@ def from_queue(
         raise ValueError(
             "`queue` holds ids, which exclude the queued copies of an anchor's own positives: pass `positive_ids`"
         )
-    rows = queue.negatives
-    if isinstance(anchors, torch.Tensor) and anchors.is_floating_point() and anchors.dtype != rows.dtype:
-        rows = rows.to(anchors.dtype)
-    return rows, None if positive_ids is None else queue.ids
+    a = anchors if isinstance(anchors, torch.Tensor) and anchors.is_floating_point() else None  # (else: rejected later)
+    if a is not None and a.ndim == 2 and a.shape[1] != queue.dim:
+        raise ValueError(
+            f"`queue` holds rows of width dim={queue.dim} but `anchors` has d={a.shape[1]}: shape {tuple(a.shape)}"
+        )
+    static = is_compiling() if static is None else static
+    if static:  # (no Python int read: a compiled loss would be specialized on the fill count)
+        rows, ids, mask = queue.embeddings, queue.item_ids, queue.filled
+        if not others:
+            torch._assert_async(mask.any(), _EMPTY)
+    else:
+        if len(queue) == 0 and not others:
+            raise ValueError(_EMPTY + " (nothing enqueued yet)")
+        rows, ids, mask = queue.negatives, queue.ids, None
+    if a is not None and a.dtype != rows.dtype:
+        rows = rows.to(a.dtype)
+    return rows, None if positive_ids is None else ids, mask
+
+
+_EMPTY = (
+    "`queue` is empty and the call has no other negatives: enqueue a batch before the first loss, or pass "
+    "`negatives` or `in_batch=True` as well"
+)

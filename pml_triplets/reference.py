@@ -202,9 +202,10 @@ def reference_infonce(
         margin_strategy=margin_strategy,
     )
     _check_run(chunk_size, engine, gather_across_devices, in_batch)
-    shared_negatives, shared_negative_ids = from_queue(
-        queue, shared_negatives, shared_negative_ids, positive_ids, anchors
-    )
+    shared_negatives, shared_negative_ids, _ = from_queue(
+        queue, shared_negatives, shared_negative_ids, positive_ids, anchors, negatives is not None or in_batch,
+        static=False,
+    )  # fmt: skip
     spec = check_inputs(
         anchors,
         positives,
@@ -317,7 +318,7 @@ def _docs(x: _Data, j: int) -> list[_Candidate]:
 def _candidates(x: _Data, i: int, opts: _Options) -> dict[str, list[_Candidate]]:
     """Each direction's candidates of anchor i, those with the id of one of its positives removed."""
     n = len(x.a)
-    clash = set() if x.pid is None else set(x.pid[i])
+    clash = set() if x.pid is None else {v for v in x.pid[i] if v >= 0}  # a negative id is unknown: no clash
 
     def no_clash(cands: list[_Candidate]) -> list[_Candidate]:
         return [c for c in cands if c.id is None or c.id not in clash]

@@ -65,7 +65,8 @@ def infonce_loop(
 
     - anchor_to_positive (A2P): s(a_i, c)/τ for anchor i's unmasked negatives ("own"), every shared negative
       ("shared") and, with in_batch, every other row's docs ("in_batch"); minus any candidate whose id equals one
-      of anchor i's positive ids. P is in this block's softmax.
+      of anchor i's non-negative positive ids (a negative id is "unknown": it clashes with nothing). P is in this
+      block's softmax.
     - positive_to_anchor (P2A): s(a_j, p_ik)/τ for every row j, j = i included (that entry is P again).
     - anchor_to_anchor (A2A): s(a_i, a_j)/τ for j ≠ i.
     - positive_to_positive (P2P): s(p_ik, c)/τ for c in every other row's docs, minus id clashes as in A2P.
@@ -137,7 +138,7 @@ def infonce_loop(
     penalized = HARDNESS_KINDS[hardness_mode]
     terms = []
     for i in range(n):
-        own_ids = set() if pid is None else set(pid[i])
+        own_ids = set() if pid is None else {v for v in pid[i] if v >= 0}  # a negative id is unknown: no clash
         # A2P candidates of anchor i as (vector, guide vector, id, kind); the same for each of its positives
         cands = [(*doc, "own") for doc in negs(i)]
         if sh is not None:

@@ -16,7 +16,9 @@ import pytest
 import torch
 import torch.distributed as dist
 from helpers import DIST, F64, TOL, batch, formula
+from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.losses import CrossBatchMemory, NTXentLoss
+from pytorch_metric_learning.reducers import DoNothingReducer
 from test_distributed import run_ranks
 
 import pml_triplets as pt
@@ -112,7 +114,8 @@ def test_an_empty_queue_is_no_negatives() -> None:
     q = pt.NegativeQueue(4, D, dtype=F64)
     close(pt.infonce(a, p, n, queue=q), pt.infonce(a, p, n))
     close(pt.infonce(a, p, n, queue=q, positive_ids=pid), pt.infonce(a, p, n))  # the first step of a training loop
-    with pytest.raises(ValueError, match="no negatives"):
+    # The message says that the queue is empty (step 1 of a queue-only loop), not to pass other arguments.
+    with pytest.raises(ValueError, match=r"`queue` is empty and the call has no other negatives: enqueue a batch"):
         pt.infonce(a, p, queue=q)
 
 
@@ -393,3 +396,160 @@ def test_two_ranks_keep_equal_queues_and_the_global_loss(tmp_path: Path) -> None
         close(mean, want["losses"][step])
         for i in range(3):  # each rank's gradients are its rows of the global ones
             close(torch.cat([g["grads"][step][i] for g in got]), want["grads"][step][i])
+
+
+# ---------------------------------------------------------------- issue 30: reproduced failures
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        pytest.param("queue", id="queue"),
+        pytest.param("negative_ids", id="negative_ids"),
+        pytest.param("in_batch", id="in_batch"),
+    ],
+)
+def test_negative_ids_are_unknown_and_never_clash(where: str) -> None:
+    # b30fb93: rows enqueued without ids (stored -1) were dropped from the negatives of every anchor whose
+    # positive_ids held -1 (0.021 instead of 0.486 in the report). A negative id now means "unknown" everywhere.
+    b = batch(4, 3, D, s=5, seed=11)
+    a, p, n = b["anchors"], b["positives"], b["negatives"]
+    pid = torch.tensor([-1, 3, -1, 0])
+    nid = torch.tensor([[-1, 3, 1], [-1, -1, 3], [0, -1, -1], [0, 2, -1]])
+    if where == "queue":
+        q = pt.NegativeQueue(8, D, dtype=F64)
+        q.enqueue(b["shared_negatives"][:3])  # no ids: -1
+        q.enqueue(b["shared_negatives"][3:], ids=torch.tensor([3, -5]))
+        got = pt.infonce(a, p, n, queue=q, positive_ids=pid, temperature=0.3)
+        want = formula(a, p, n, 0.3, shared_negatives=q.negatives, shared_negative_ids=q.ids, positive_ids=pid)
+        assert q.ids.tolist() == [-1, -1, -1, 3, -5]
+    else:
+        extra = {"in_batch": True} if where == "in_batch" else {}
+        got = pt.infonce(a, p, n, negative_ids=nid, positive_ids=pid, temperature=0.3, **extra)
+        want = formula(a, p, n, 0.3, negative_ids=nid, positive_ids=pid, **extra)
+    close(got, want, 1e-10)
+    # Anchor 0's positive id is unknown: none of its own negatives is excluded, whatever their ids say.
+    per_pair = pt.infonce(
+        a, p, n, negative_ids=nid, loss_fn=NTXentLoss(0.3, reducer=DoNothingReducer()), positive_ids=pid
+    )
+    plain = pt.infonce(a, p, n, loss_fn=NTXentLoss(0.3, reducer=DoNothingReducer()))
+    close(per_pair[0], plain[0], 1e-12)
+    assert not torch.isclose(per_pair[1], plain[1])  # anchor 1 (id 3) loses its negative with id 3
+
+
+def moco_step(seed: int, **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoCo's order: the loss with the queue, then enqueue, then backward; the gradient and the expected one."""
+    b = batch(4, 2, D, s=6, seed=seed)
+    q = pt.NegativeQueue(6, D, dtype=F64)
+    q.enqueue(b["shared_negatives"], ids=torch.arange(10, 16))
+    rows, ids = q.negatives.clone(), q.ids.clone()
+    a = b["anchors"].clone().requires_grad_()
+    pid = torch.tensor([10, 1, 12, 3])
+    loss = pt.infonce(a, b["positives"], b["negatives"], queue=q, positive_ids=pid, **options)
+    q.enqueue(torch.randn(4, D, dtype=F64, generator=torch.Generator().manual_seed(seed)), ids=torch.arange(4))
+    loss.backward()  # after the enqueue: the loss belongs to the rows it was computed with
+    fresh = a.detach().clone().requires_grad_()
+    kw = {"shared_negatives": rows, "shared_negative_ids": ids, "positive_ids": pid}
+    want = pt.infonce(fresh, b["positives"], b["negatives"], **kw, **options)
+    (g,) = torch.autograd.grad(want, fresh)
+    return a.grad, g  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({}, id="whole"),
+        pytest.param({"chunk_size": 2}, id="chunked"),
+        pytest.param({"engine": "pml", "chunk_size": 2}, id="pml-chunked"),
+        pytest.param({"loss_fn": NTXentLoss(0.1, distance=LpDistance(normalize_embeddings=False))}, id="lp"),
+        pytest.param(
+            {"loss_fn": NTXentLoss(0.1, distance=LpDistance(normalize_embeddings=False)), "chunk_size": 2},
+            id="lp-chunked",
+        ),
+    ],
+)
+def test_enqueue_between_the_loss_and_its_backward_changes_nothing(options: dict[str, Any]) -> None:
+    # b30fb93: chunks recomputed in the backward pass read the overwritten rows and ids (max gradient error 0.28
+    # chunked, 0.8 % with Lp), or autograd raised its in-place error (Lp, one chunk).
+    got, want = moco_step(3, **options)
+    close(got, want, 1e-12)
+    assert got.abs().sum() > 0
+
+
+def test_enqueue_leaves_the_rows_a_caller_holds() -> None:
+    q = pt.NegativeQueue(3, D, dtype=F64)
+    q.enqueue(rows(3), ids=torch.arange(3))
+    held, ids = q.negatives, q.ids
+    q.enqueue(rows(2, 10), ids=torch.arange(10, 12))
+    assert held[:, 0].tolist() == [0, 1, 2]  # copy-on-write
+    assert ids.tolist() == [0, 1, 2]
+    assert q.negatives[:, 0].tolist() == [10, 11, 2]
+    assert q.ids.tolist() == [10, 11, 2]
+
+
+def static_loss(q: pt.NegativeQueue, monkeypatch: pytest.MonkeyPatch, **kw: Any) -> torch.Tensor:
+    """The loss with the queue read as a compiled call reads it: the whole buffer and the filled slots' mask."""
+    with monkeypatch.context() as m:
+        m.setattr("pml_triplets.queue.is_compiling", lambda: True)
+        return pt.infonce(**kw, queue=q)
+
+
+def test_the_compiled_reading_of_a_queue_equals_the_filled_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    b = batch(3, 2, D, seed=5)
+    kw: dict[str, Any] = {"anchors": b["anchors"], "positives": b["positives"], "negatives": b["negatives"]}
+    q = pt.NegativeQueue(5, D, dtype=F64)
+    close(static_loss(q, monkeypatch, **kw), pt.infonce(**kw))  # empty: no shared negatives at all
+    q.enqueue(rows(2, 1) / 7, ids=torch.tensor([0, 9]))
+    kw["positive_ids"] = torch.tensor([9, 1, 2])
+    for step in range(4):  # partly filled, full, wrapped; then reloaded from a state_dict and reset
+        close(static_loss(q, monkeypatch, **kw), pt.infonce(**kw, queue=q))
+        want = formula(**kw, shared_negatives=q.negatives, shared_negative_ids=q.ids, tau=0.07)
+        close(pt.infonce(**kw, queue=q), want, 1e-10)
+        q.enqueue(torch.sin(rows(2, 3 * step)), ids=torch.tensor([step, 9 - step]))
+    loaded = pt.NegativeQueue(5, D, dtype=F64)
+    loaded.load_state_dict(q.state_dict())
+    close(static_loss(loaded, monkeypatch, **kw), pt.infonce(**kw, queue=q))
+    loaded.reset()
+    close(static_loss(loaded, monkeypatch, **kw), pt.infonce(**{k: v for k, v in kw.items() if k != "positive_ids"}))
+    assert not loaded.filled.any()
+    with pytest.raises(RuntimeError, match="`queue` is empty"):  # the device-side check, without other negatives
+        static_loss(loaded, monkeypatch, anchors=b["anchors"], positives=b["positives"])
+
+
+@pytest.mark.slow  # (compiles: about 15 s)
+def test_compiled_loss_with_a_filling_and_wrapping_queue_compiles_at_most_twice() -> None:
+    # b30fb93: Dynamo guarded on the queue's Python fill count and recompiled at every step, also once the queue
+    # was full, until the recompile limit (then, without fullgraph, it ran eagerly without a word).
+    from test_surfaces import Graphs
+
+    torch._dynamo.reset()
+    graphs = Graphs()
+
+    def step(a, p, n, pid, queue):  # type: ignore[no-untyped-def]
+        return pt.infonce(a, p, n, queue=queue, positive_ids=pid, temperature=0.2)
+
+    compiled = torch.compile(step, backend=graphs, fullgraph=True)
+    queues = (pt.NegativeQueue(10, D), pt.NegativeQueue(10, D))  # 20 steps of 4 rows: full at step 3, wraps 7 times
+    g = torch.Generator().manual_seed(0)
+    for t in range(20):
+        a = torch.randn(4, D, generator=g).requires_grad_()
+        p, n, pid = torch.randn(4, D, generator=g), torch.randn(4, 3, D, generator=g), torch.arange(4 * t, 4 * t + 4)
+        pid[0] = 4 * t - 8 if t >= 2 else pid[0]  # a clash with a queued row
+        got, want = compiled(a, p, n, pid, queues[0]), step(a, p, n, pid, queues[1])
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(torch.autograd.grad(got, a)[0], torch.autograd.grad(want, a)[0])
+        for q in queues:
+            q.enqueue(p, ids=pid)
+    assert graphs.count <= 2, f"{graphs.count} graphs over 20 steps"
+
+
+def test_queue_messages_name_the_queue() -> None:
+    q = pt.NegativeQueue(4, D)
+    a = torch.randn(2, D - 1)
+    # b30fb93 reported "`shared_negatives` has d=5", an argument the caller never passed.
+    with pytest.raises(ValueError, match=r"`queue` holds rows of width dim=5 but `anchors` has d=4"):
+        pt.infonce(a, a, queue=q)
+    q.enqueue(torch.randn(3, D))
+    with pytest.raises(ValueError, match=r"`queue` holds rows of width dim=5 but `anchors` has d=4"):
+        pt.infonce(a, a, torch.randn(2, 3, D - 1), queue=q)
+    assert "-1" in (pt.NegativeQueue.enqueue.__doc__ or "")  # what a row enqueued without ids holds

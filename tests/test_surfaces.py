@@ -51,6 +51,43 @@ def test_loss_fn_temperature_schedule_is_honoured() -> None:
     torch.testing.assert_close(criterion(a, p, n), infonce_loop(a, p, n, 0.5), rtol=1e-12, atol=1e-12)
 
 
+# ------------------------------------------------------------------ issue 30, item 8: the module's current loss_fn
+
+
+def test_module_reads_its_loss_fns_distance_as_it_is_now() -> None:
+    # b30fb93: after one forward, replacing fn.distance left the module on the old cosine (1.358 where infonce and
+    # PML gave 13.765); the temperature and the reducer were read anew.
+    from pytorch_metric_learning.distances import DotProductSimilarity
+
+    fn = NTXentLoss(temperature=0.5)
+    criterion = pt.InfoNCE(loss_fn=fn)
+    a, p, n = data(4, 3, 5, seed=2)
+    torch.testing.assert_close(criterion(a, p, n), infonce_loop(a, p, n, 0.5), rtol=1e-12, atol=1e-12)
+    fn.distance = DotProductSimilarity(normalize_embeddings=False)
+    want = infonce_loop(a, p, n, 0.5, sim="dot")
+    torch.testing.assert_close(criterion(a, p, n), want, rtol=1e-12, atol=1e-12)
+    emb, idx = pt.concat_embeddings(a, p, n), pt.build_indices(4, 3)  # PML itself, on the same pairs
+    torch.testing.assert_close(NTXentLoss(0.5, distance=fn.distance)(emb, indices_tuple=idx), want)
+
+
+def test_module_uses_a_loss_fn_assigned_later_or_refuses_it() -> None:
+    # b30fb93: `criterion.loss_fn = NTXentLoss(temperature=2.0)` was silently ignored (the old τ kept, and shown by
+    # repr beside the new submodule).
+    criterion = pt.InfoNCE(loss_fn=NTXentLoss(temperature=0.1))
+    a, p, n = data(4, 3, 5, seed=3)
+    criterion(a, p, n)
+    criterion.loss_fn = NTXentLoss(temperature=2.0)
+    torch.testing.assert_close(criterion(a, p, n), infonce_loop(a, p, n, 2.0), rtol=1e-12, atol=1e-12)
+    assert repr(criterion).splitlines()[1].strip() == "temperature=2"
+    with pytest.raises(TypeError, match="`loss_fn` must be a pytorch_metric_learning NTXentLoss"):
+        criterion.loss_fn = nn.Linear(2, 2)
+    assert isinstance(criterion.loss_fn, NTXentLoss)  # the refused value was not stored
+    fixed = pt.InfoNCE(temperature=0.3)
+    with pytest.raises(ValueError, match="pass either `temperature` or `loss_fn`"):
+        fixed.loss_fn = NTXentLoss(temperature=2.0)
+    torch.testing.assert_close(fixed(a, p, n), infonce_loop(a, p, n, 0.3), rtol=1e-12, atol=1e-12)
+
+
 # ------------------------------------------------------------------ 5: compile once for every batch size
 
 

@@ -270,3 +270,47 @@ def test_pairing_matrix_errors() -> None:
         pt.pairing_matrix((torch.arange(2),), 2, 1)
     with pytest.raises(TypeError, match="entry `p` must be a 1-D integer tensor"):
         pt.pairing_matrix((torch.arange(2), torch.ones(2), torch.arange(2)), 2, 1)
+
+
+# ------------------------------------------------------------------ issue 30, item 4: messages that point the way
+
+
+def test_labels_as_positives_point_to_the_pml_call() -> None:
+    # b30fb93 said "cast with .float()", which only led to a shape error.
+    a = torch.randn(N, D)
+    with pytest.raises(
+        TypeError, match=r"class labels\? `infonce` takes embeddings .* pt\.NTXentLoss\(\)\(embeddings, labels\)"
+    ):
+        pt.infonce(a, torch.randint(0, 3, (N,)))
+    with pytest.raises(TypeError, match=r"got dtype torch.int64 with shape \(4, 5\) \(cast with \.float\(\)\)"):
+        pt.infonce(a, torch.ones(N, D, dtype=torch.long), torch.randn(N, M, D))
+
+
+@pytest.mark.parametrize(
+    ("name", "stack"),
+    [("negatives", r"torch\.stack\(negatives, dim=1\) makes the \[N, M, d\]"),
+     ("positives", r"torch\.stack\(positives, dim=1\) makes the \[N, K, d\]")],
+    ids=["negatives", "positives"],
+)  # fmt: skip
+def test_a_list_of_tensors_gets_the_stack_that_makes_it(name: str, stack: str) -> None:
+    a, p, n = ok()
+    args = {"anchors": a, "positives": p, "negatives": n}
+    args[name] = [torch.randn(N, D) for _ in range(M)]
+    with pytest.raises(
+        TypeError, match=rf"`{name}` must be a torch\.Tensor; got list of 3 tensors \(\[4, 5\], .*{stack}"
+    ):
+        pt.infonce(**args)
+
+
+@pytest.mark.parametrize("entry", [pt.infonce, pt.InfoNCE], ids=["infonce", "InfoNCE"])
+def test_help_lists_every_argument_at_one_indentation(entry: object) -> None:
+    # b30fb93: the spliced option list sat at another indentation than `anchors:` in help().
+    import inspect
+    import re
+
+    doc = inspect.getdoc(entry) or ""
+    args = doc.split("\nArgs:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    names = [m.group(1) for line in args if (m := re.match(r"^    (\w+): ", line))]
+    assert set(names) >= {"temperature", "loss_fn", "in_batch", "margin_strategy"}
+    assert all(line.startswith("    ") for line in args), args
+    assert all(re.match(r"^    \w+: |^        \S", line) for line in args), args

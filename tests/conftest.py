@@ -27,6 +27,16 @@ def dtype(request: pytest.FixtureRequest) -> torch.dtype:
     return request.param  # type: ignore[no-any-return]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_intra_op_thread() -> Iterator[None]:
+    """Every test runs on one intra-op thread unless it asks for more: the tensors are tiny, and on a busy machine
+    spinning threads made single tests up to 10x slower (a test of thread counts sets its own)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """Train on one thread, as the demo's and the examples' commands do: faster for their tiny matrices."""

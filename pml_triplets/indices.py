@@ -90,6 +90,10 @@ def pairing_matrix(indices_tuple: IndicesTuple, n: int, m: int) -> torch.Tensor:
     ``j % M`` of anchor ``j // M``): there is a negative pair ``(i, 2N + j)`` and anchor ``i`` has a positive pair.
     For correct indices the matrix is block-diagonal; an entry off the diagonal blocks is a mis-pairing.
 
+    Both of PML's forms: a 3-tuple ``(a, p, n)`` is the positive pairs ``(a, p)`` and the negative pairs ``(a, n)``;
+    a 4-tuple ``(a1, p, a2, n)`` the positive pairs ``(a1, p)`` and the negative pairs ``(a2, n)``. The recipe's
+    mistake is ``.repeat(M)`` for the negatives' anchors in either: ``a`` in the 3-tuple, ``a2`` in the 4-tuple.
+
     Args:
         indices_tuple: a 3-tuple ``(a, p, n)`` or 4-tuple ``(a1, p, a2, n)`` of index tensors, as PML takes them.
         n: number of anchors N.
@@ -106,6 +110,14 @@ def pairing_matrix(indices_tuple: IndicesTuple, n: int, m: int) -> torch.Tensor:
         >>> recipe = (torch.arange(N).repeat(M), torch.arange(N, 2 * N).repeat(M), torch.arange(2 * N, 2 * N + N * M))
         >>> pt.pairing_matrix(recipe, N, M).int().tolist()
         [[1, 0, 1, 0], [0, 1, 0, 1]]
+
+        The same recipe as a 4-tuple ``(a1, p, a2, n)``, and its fix, ``a2`` with ``repeat_interleave``:
+
+        >>> a1, p, n = torch.arange(N), torch.arange(N, 2 * N), torch.arange(2 * N, 2 * N + N * M)
+        >>> pt.pairing_matrix((a1, p, torch.arange(N).repeat(M), n), N, M).int().tolist()
+        [[1, 0, 1, 0], [0, 1, 0, 1]]
+        >>> pt.pairing_matrix((a1, p, torch.arange(N).repeat_interleave(M), n), N, M).int().tolist()
+        [[1, 1, 0, 0], [0, 0, 1, 1]]
     """
     n = check_size("n", n)
     m = check_size("m", m)

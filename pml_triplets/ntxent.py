@@ -9,12 +9,14 @@ recipe that concatenates ``[anchors, positives, negatives]`` (``pt.concat_embedd
 regularizers and loss dict, and computes the same terms from
 
 * the distance of the listed pairs only -- row by row for PML's own distances (a dot product, a p-norm of the
-  difference, a variance ratio), or PML's full matrix when that is no larger than the rows gathered;
+  difference, a variance ratio), in every dtype, or PML's full matrix when that is no larger than the rows gathered;
 * each anchor's log-sum-exp over its negatives by segment (sort by anchor, ``scatter_reduce`` max,
-  ``index_add`` of the shifted exponentials): O((P + Q) log Q) time and O(P + Q) memory.
+  ``index_add`` of the shifted exponentials, in float32 for half inputs): O((P + Q) log Q) time and O(P + Q)
+  memory.
 
-It also warns, once per instance, when a 3-tuple has the recipe's ``a = arange(N).repeat(M)`` layout, which pairs
-each anchor with other anchors' negatives (see :mod:`pml_triplets.indices`).
+It also warns, once per instance, when a 3-tuple ``(a, p, n)`` or a 4-tuple ``(a1, p, a2, n)`` has the recipe's
+``arange(N).repeat(M)`` layout, which pairs each anchor with other anchors' negatives (see
+:mod:`pml_triplets.indices`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pytorch_metric_learning.distances import BaseDistance, DotProductSimilarity
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from ._validation import is_compiling
+from ._validation import as_dtype, is_compiling
 
 __all__ = ["NTXentLoss", "RepeatLayoutWarning"]
 
@@ -39,6 +41,8 @@ LossDict = dict[str, dict[str, Any]]
 Kind = Literal["dot", "lp", "snr", "matrix"]
 _NAMES = {3: ("a", "p", "n"), 4: ("a1", "p", "a2", "n")}
 _INDEX_DTYPES = (torch.int64, torch.int32)  # what PML's indexing takes as indices (uint8 and bool are masks)
+_HALF = (torch.float16, torch.bfloat16)
+_MAX_FINE_LAYOUTS = 16  # tuple signatures an instance remembers as checked fine; then it stops checking
 
 
 class RepeatLayoutWarning(UserWarning):
@@ -66,9 +70,13 @@ class NTXentLoss(losses.NTXentLoss):  # type: ignore[misc]  # PML ships no type 
 
     The distance is evaluated on the listed pairs only, row by row, for ``DotProductSimilarity`` /
     ``CosineSimilarity``, ``LpDistance`` and ``SNRDistance`` (subclasses that keep their ``compute_mat`` and
-    ``forward``), with the distance's ``maybe_normalize`` and ``power``; for any other distance, or where the
+    ``forward``), with the distance's ``maybe_normalize`` and ``power``, in every dtype (``LpDistance`` in float16
+    through its ``pairwise_distance``, as PML's ``compute_mat`` does there); for any other distance, or where the
     ``B x R`` matrix is no larger than the rows gathered (``B * R <= 2 * (P + Q) * d``: pairs from labels), it is
-    PML's ``distance(embeddings, ref_emb)``, read at the pairs.
+    PML's ``distance(embeddings, ref_emb)``, read at the pairs. In float16 and bfloat16 the distances are PML's,
+    in the input dtype; the loss terms, and the gradients of a row or matrix entry gathered once per pair, are
+    summed in float32 (a half-precision sum of many terms stops growing: bfloat16 near 256), and the losses are
+    returned in the input dtype, as PML returns them.
 
     Shapes:
         * ``embeddings``: ``[B, d]``; ``ref_emb``: ``[R, d]`` (default: ``embeddings``).
@@ -81,13 +89,23 @@ class NTXentLoss(losses.NTXentLoss):  # type: ignore[misc]  # PML ships no type 
     or ``[-R, R)`` (columns), the range PML's indexing accepts (``ValueError``; on an accelerator or inside
     ``torch.compile`` a device-side assertion instead, so that no host synchronisation is added).
 
-    Warns :class:`RepeatLayoutWarning`, once per instance, when a 3-tuple is the recipe's ``a =
-    arange(N).repeat(M)``, ``p`` repeating with the same period and ``n`` consecutive rows (N, M >= 2): with
-    negatives stored anchor by anchor (``negatives.reshape(-1, d)`` of an ``[N, M, d]`` tensor) it compares
-    anchor ``j % N`` with negative row ``n[j]`` of anchor ``j // M``. The fix is ``repeat_interleave(M)``, or
-    ``pml_triplets.build_indices(N, M)``. The loss is still computed for the tuple as given. The test reads the
-    index values (one host read per call, until the warning has fired), and only for a 3-tuple no longer than
-    ``ref_emb``: miner tuples do not have this layout.
+    Warns :class:`RepeatLayoutWarning`, once per instance, when the tuple has the recipe's ``.repeat`` layout over
+    negatives stored anchor by anchor (``negatives.reshape(-1, d)`` of an ``[N, M, d]`` tensor), which compares
+    anchor ``j % N`` with negative row ``n[j]`` of anchor ``j // M`` (N, M >= 2, ``n`` consecutive rows):
+
+    * a 3-tuple ``(a, p, n)`` with ``a = a[0] + arange(N).repeat(M)`` and ``p`` repeating with the same period;
+      the fix is ``repeat_interleave(M)`` for ``a`` and ``p``, or ``pml_triplets.build_indices(N, M)``;
+    * a 4-tuple ``(a1, p, a2, n)`` with ``a2 = a2[0] + arange(N).repeat(M)`` and one of those N anchors in ``a1``
+      (PML's form: ``(arange(N), arange(N, 2N), arange(N).repeat(M), 2N + arange(N*M))``); the fix is ``a2 =
+      a2[0] + arange(N).repeat_interleave(M)``.
+
+    The loss is still computed for the tuple as given. The test costs nothing until it reads index values: a tuple
+    with fewer than 4 negative pairs or more than ``len(ref_emb)`` (most miners') is dismissed from its lengths, as
+    is every tuple once the instance has warned, and inside ``torch.compile``. Otherwise it reads one value (a
+    host synchronisation on an accelerator) and remembers a layout found fine by its signature -- tuple length,
+    ``len(a1)``, ``len(n)`` and ``len(ref_emb)`` -- so that a later call with that signature reads nothing; after
+    16 such signatures (tuples whose lengths keep changing come from a miner, not from the recipe) it stops
+    reading altogether.
 
     Example:
         >>> import torch
@@ -106,6 +124,7 @@ class NTXentLoss(losses.NTXentLoss):  # type: ignore[misc]  # PML ships no type 
     """
 
     _warned_layout = False  # set on the instance once it has warned
+    _fine_layouts: frozenset[tuple[int, int, int, int]] = frozenset()  # signatures read and found fine, <= 16
 
     def compute_loss(
         self,
@@ -123,7 +142,7 @@ class NTXentLoss(losses.NTXentLoss):  # type: ignore[misc]  # PML ships no type 
         if all(len(x) <= 1 for x in pairs):  # as GenericPairLoss: zero losses, whatever the indices hold
             return self.zero_losses()  # type: ignore[no-any-return]
         _check_range(pairs, len(embeddings), len(ref_emb), given)
-        if given is not None and len(given) == 3 and not self._warned_layout and not is_compiling():
+        if given is not None and not self._warned_layout and not is_compiling():
             self._warn_repeat_layout(given, len(ref_emb))
         pos, neg = pair_values(self.distance, kind, embeddings, ref_emb, pairs)
         return self._compute_loss(pos, neg, pairs)
@@ -133,24 +152,43 @@ class NTXentLoss(losses.NTXentLoss):  # type: ignore[misc]  # PML ships no type 
         a1, p, a2, _ = indices_tuple
         if len(a1) == 0 or len(a2) == 0:
             return self.zero_losses()  # type: ignore[no-any-return]
+        dtype = pos_pairs.dtype
+        if dtype in _HALF:  # a half sum of exponentials stops growing (bfloat16 near 256 terms): float32 terms
+            pos_pairs, neg_pairs = pos_pairs.float(), neg_pairs.float()
         if not self.distance.is_inverted:  # a distance enters negated, as in PML
             pos_pairs, neg_pairs = -pos_pairs, -neg_pairs
         nll = segment_nll(pos_pairs / self.temperature, neg_pairs / self.temperature, a1, a2)
+        nll = as_dtype(nll, dtype)  # PML's losses have the distances' dtype
         return {"loss": {"losses": nll, "indices": (a1, p), "reduction_type": "pos_pair"}}
 
-    def _warn_repeat_layout(self, triplets: tuple[torch.Tensor, ...], ref_rows: int) -> None:
-        a, p, n = triplets
-        n_anchors = repeat_layout(a, p, n, ref_rows)
-        if not n_anchors:
+    def _warn_repeat_layout(self, given: tuple[torch.Tensor, ...], ref_rows: int) -> None:
+        """Warn if ``given`` has the recipe's layout; see the class docstring for when values are read."""
+        negatives = len(given[-1])
+        if negatives < 4 or negatives > ref_rows or len(given[0]) == 0:  # no read: cannot be the layout
             return
-        m = len(triplets[0]) // n_anchors
+        signature = (len(given), len(given[0]), negatives, ref_rows)
+        if signature in self._fine_layouts or len(self._fine_layouts) >= _MAX_FINE_LAYOUTS:
+            return
+        n_anchors = repeat_layout(given, ref_rows)
+        if not n_anchors:
+            self._fine_layouts = self._fine_layouts | {signature}  # a new set: never a set shared with a copy
+            return
+        m = negatives // n_anchors
+        if len(given) == 3:
+            names, fix = "a", "Build a and p with .repeat_interleave(M) -- or use pml_triplets.build_indices(N, M)."
+        else:
+            start = int(given[2][0])
+            names, offset = "a2", f"{start} + " if start else ""
+            fix = (
+                f"Build a2 with .repeat_interleave(M): a2 = {offset}torch.arange({n_anchors}).repeat_interleave({m}) "
+                "-- or use the 3-tuple pml_triplets.build_indices(N, M) over [anchors, positives, negatives]."
+            )
         warnings.warn(
-            f"`indices_tuple` has the recipe's layout a = arange(N).repeat(M) (N={n_anchors}, M={m}) over "
+            f"`indices_tuple` has the recipe's layout {names} = arange(N).repeat(M) (N={n_anchors}, M={m}) over "
             f"consecutive negative rows: if the negatives are stored anchor by anchor (negatives.reshape(-1, d) "
             f"of an [N, M, d] tensor), negative row n[j] belongs to anchor j // M but is compared with anchor "
-            f"j % N. Build a and p with .repeat_interleave(M) -- or use pml_triplets.build_indices(N, M). The loss "
-            "is computed for the tuple as given. (If the negatives are stored negative by negative, "
-            "negatives.transpose(0, 1).reshape(-1, d), this layout is right: filter RepeatLayoutWarning.)",
+            f"j % N. {fix} The loss is computed for the tuple as given. (If the negatives are stored negative by "
+            "negative, negatives.transpose(0, 1).reshape(-1, d), this layout is right: filter RepeatLayoutWarning.)",
             RepeatLayoutWarning,
             stacklevel=6,  # the line calling loss_fn(...): _warn, compute_loss, forward, and two of nn.Module
         )
@@ -186,17 +224,30 @@ def pair_values(
     """``distance(embeddings, ref_emb)[rows, cols]`` at the positive and negative pairs: (P,), (Q,)."""
     a1, p, a2, n = pairs
     gathered = 2 * (len(a1) + len(a2)) * embeddings.shape[1]  # elements of the rows gathered for the pairs
+    rows, cols = torch.cat([a1, a2]), torch.cat([p, n])  # (P + Q,)
     if kind == "matrix" or len(embeddings) * len(ref_emb) <= gathered:
         mat = distance(embeddings, ref_emb)  # (B, R), as PML computes it
-        return mat[a1, p], mat[a2, n]
+        vals = _take(mat, rows, cols)  # (P + Q,)
+        return vals[: len(a1)], vals[len(a1) :]
     q = distance.maybe_normalize(embeddings)  # (B, d)
     r = q if ref_emb is embeddings else distance.maybe_normalize(ref_emb)  # (R, d)
     distance.reset_stats()  # what BaseDistance.forward records, when its collect_stats is on
     distance.set_default_stats(embeddings, ref_emb, q, r)
-    vals = _rowwise(kind, distance, q[torch.cat([a1, a2])], r[torch.cat([p, n])])  # (P + Q,)
+    vals = _rowwise(kind, distance, _take(q, rows), _take(r, cols))  # (P + Q,)
     if distance.power != 1:
         vals = vals**distance.power
     return vals[: len(a1)], vals[len(a1) :]
+
+
+def _take(x: torch.Tensor, *index: torch.Tensor) -> torch.Tensor:
+    """``x[index]``, whose backward sums the gradients of a repeated index in float32 for a half ``x``.
+
+    The values are ``x``'s; only the backward changes: ``index_put_``'s half sum stops growing (bfloat16 near 256
+    terms), and an anchor's row, or a positive pair repeated in a 3-tuple, is gathered once per pair.
+    """
+    if x.dtype in _HALF:
+        return x.float()[index].to(x.dtype)
+    return x[index]
 
 
 def _rowwise(kind: Kind, distance: BaseDistance, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -204,39 +255,52 @@ def _rowwise(kind: Kind, distance: BaseDistance, x: torch.Tensor, y: torch.Tenso
     if kind == "dot":
         dot: torch.Tensor = torch.linalg.vecdot(x, y)  # not einsum: a batch of 1 x 1 matmuls, 5x slower on the CPU
         return dot
-    if kind == "lp":
+    if kind == "lp" and x.dtype == torch.float16:  # PML's compute_mat: pairwise_distance on row pairs (an eps)
+        pairwise: torch.Tensor = distance.pairwise_distance(x, y)
+        return pairwise
+    if kind == "lp":  # PML's compute_mat: cdist
         norm: torch.Tensor = torch.linalg.vector_norm(x - y, ord=distance.p, dim=1)
         return norm
     return torch.var(x - y, dim=1) / torch.var(x, dim=1)  # SNRDistance
 
 
-def distance_kind(distance: BaseDistance, dtype: torch.dtype) -> Kind:
-    """How :func:`pair_values` evaluates ``distance``: row by row for PML's own ``compute_mat``, else the matrix."""
+def distance_kind(distance: BaseDistance) -> Kind:
+    """How :func:`pair_values` evaluates ``distance``: row by row for PML's own ``compute_mat``, else the matrix.
+
+    Row by row in every dtype: :func:`_rowwise` follows ``compute_mat``'s float16 branch where it has one.
+    """
     cls = type(distance)
     if cls.forward is not BaseDistance.forward:
         return "matrix"
     if cls.compute_mat is DotProductSimilarity.compute_mat:
         return "dot"
-    if cls.compute_mat is LpDistance.compute_mat and dtype != torch.float16:  # float16: PML adds an eps
+    if cls.compute_mat is LpDistance.compute_mat:
         return "lp"
     return "snr" if cls.compute_mat is SNRDistance.compute_mat else "matrix"
 
 
-def repeat_layout(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor, ref_rows: int) -> int:
-    """N when ``(a, p, n)`` is the recipe's ``.repeat`` layout, else 0.
+def repeat_layout(given: tuple[torch.Tensor, ...], ref_rows: int) -> int:
+    """N when ``given`` is the recipe's ``.repeat`` layout, else 0; reads one value.
 
-    The layout: ``a[j] = a[0] + j % N``, ``p[j] = p[j % N]``, ``n[j] = n[0] + j``, with N >= 2 and M = len(a) / N
-    >= 2 an integer. Consecutive rows ``n`` fit in ``ref_emb`` only if ``len(n) <= ref_rows``: longer tuples
-    (most miners') are dismissed from their shapes; the others cost a few vectorized comparisons and one read.
+    The layout, with T negative pairs (``a2 = a`` in a 3-tuple): ``a2[j] = a2[0] + j % N`` with N >= 2 and M =
+    T / N >= 2 an integer, and ``n[j] = n[0] + j``, consecutive rows, which fit in ``ref_emb`` only if T <=
+    ``ref_rows`` (the caller dismisses longer tuples, most miners', from their lengths). In a 3-tuple ``p[j] =
+    p[j % N]`` too; in a 4-tuple ``a1`` must hold one of the N anchors: a negative pair enters the loss only through
+    a positive pair of its anchor (PML's ``a2 == a1``), so one such anchor is enough for the mis-pairing to change
+    the loss -- requiring all N would miss the recipe run on some anchors' positives -- and with none these
+    negatives enter no term. A few vectorized comparisons, one read.
     """
-    size = len(a)
-    if size < 4 or size > ref_rows:
-        return 0
-    k = torch.arange(size, device=a.device)  # (T,)
-    period = a.max() - a[0] + 1  # N, as a 0-d tensor
+    a1, p, a2, n = (given[0], given[1], given[0], given[2]) if len(given) == 3 else given
+    size = len(a2)
+    k = torch.arange(size, device=a2.device)  # (T,)
+    period = a2.max() - a2[0] + 1  # N, as a 0-d tensor
     phase = k % period  # (T,) j % N
     ok = (period >= 2) & (size % period == 0) & (2 * period <= size)
-    ok = ok & (a == a[0] + phase).all() & (p == p[phase]).all() & (n == n[0] + k).all()
+    ok = ok & (a2 == a2[0] + phase).all() & (n == n[0] + k).all()
+    if len(given) == 3:
+        ok = ok & (p == p[phase]).all()
+    else:
+        ok = ok & ((a1 >= a2[0]) & (a1 < a2[0] + period)).any()
     return int(period) if bool(ok) else 0
 
 
@@ -254,7 +318,7 @@ def _check_embeddings(embeddings: torch.Tensor, ref_emb: torch.Tensor, distance:
             raise ValueError(f"`{name}` must be [batch_size, d]; got shape {tuple(x.shape)}")
     if ref_emb.device != embeddings.device:
         raise ValueError(f"`ref_emb` is on {ref_emb.device} but `embeddings` on {embeddings.device}")
-    kind = distance_kind(distance, embeddings.dtype)
+    kind = distance_kind(distance)
     if kind != "matrix" and ref_emb.shape[1] != embeddings.shape[1]:
         raise ValueError(
             f"`ref_emb` must be [R, d] with the embeddings' d={embeddings.shape[1]}; got shape {tuple(ref_emb.shape)}"

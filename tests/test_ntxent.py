@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import subprocess
 import sys
 import warnings
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 import torch
 from pytorch_metric_learning import distances, losses, miners, reducers, regularizers, trainers
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import pml_triplets as pt
 from pml_triplets import RepeatLayoutWarning
@@ -100,6 +102,32 @@ def article_tuple(n: int, m: int, layout: str) -> tuple[torch.Tensor, torch.Tens
     if layout == "repeat":  # the article's recipe, as printed
         return torch.arange(n).repeat(m), torch.arange(n, 2 * n).repeat(m), torch.arange(2 * n, 2 * n + n * m)
     return pt.build_indices(n, m)
+
+
+def article_pairs(n: int, m: int, layout: str, start: int = 0) -> tuple[torch.Tensor, ...]:
+    """The article's recipe as PML's 4-tuple ``(a1, p, a2, n)`` over ``[anchors, positives, negatives]`` from row
+    ``start``: ``a2`` by ``.repeat`` (the mistake) or ``.repeat_interleave`` (right)."""
+    rows = start + torch.arange(n)
+    a2 = rows.repeat(m) if layout == "repeat" else rows.repeat_interleave(m)
+    return rows, n + rows, a2, start + 2 * n + torch.arange(n * m)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the values read back to the host: ``.item()``, ``bool(t)``, ``int(t)`` (``aten._local_scalar_dense``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads(fn: Callable[[], object]) -> int:
+    with HostReads() as reads:
+        fn()
+    return reads.count
 
 
 def count_matrices(distance: distances.BaseDistance) -> list[int]:
@@ -421,12 +449,19 @@ def test_warning_points_at_the_callers_line() -> None:
         pytest.param(pt.build_indices(1, 8), id="N=1"),
         pytest.param((*article_tuple(4, 3, "repeat")[:2], torch.arange(8, 20).flip(0)), id="negatives-shuffled"),
         pytest.param(tuple(t[:10] for t in article_tuple(4, 3, "repeat")), id="not-whole-periods"),
-        pytest.param((*article_tuple(4, 3, "repeat"), torch.arange(8, 20)), id="4-tuple"),
+        pytest.param(article_pairs(4, 3, "repeat_interleave"), id="4-tuple-repeat_interleave"),
+        pytest.param(article_pairs(6, 1, "repeat"), id="4-tuple-M=1"),
+        pytest.param(article_pairs(1, 8, "repeat"), id="4-tuple-N=1"),
+        pytest.param((*article_pairs(4, 3, "repeat")[:3], torch.arange(8, 20).flip(0)),
+                     id="4-tuple-negatives-shuffled"),
+        pytest.param((*article_pairs(4, 3, "repeat")[:2], *(t[:10] for t in article_pairs(4, 3, "repeat")[2:])),
+                     id="4-tuple-not-whole-periods"),
+        # no positive pair for anchors 0-3 (a1 holds rows 4-7): the negative pairs enter no term
+        pytest.param((torch.arange(4, 8), torch.arange(4), *article_pairs(4, 3, "repeat")[2:]),
+                     id="4-tuple-negatives-of-no-positive-pair"),
     ],
-)
+)  # fmt: skip
 def test_no_warning(idx: tuple[torch.Tensor, ...]) -> None:
-    if len(idx) == 4:
-        idx = (idx[0], idx[1], idx[0], idx[3])
     with warnings.catch_warnings():
         warnings.simplefilter("error", RepeatLayoutWarning)
         pt.NTXentLoss()(randn(20, 4), indices_tuple=idx)
@@ -437,6 +472,123 @@ def test_recipe_with_offset_anchors_warns() -> None:  # [negatives, anchors, pos
     idx = (n * m + torch.arange(n).repeat(m), n * m + n + torch.arange(n).repeat(m), torch.arange(n * m))
     with pytest.warns(RepeatLayoutWarning, match="N=3, M=4"):
         pt.NTXentLoss()(randn(n * m + 2 * n, 4), indices_tuple=idx)
+
+
+@pytest.mark.parametrize(
+    ("form", "match"),
+    [
+        pytest.param("3-tuple", r"a = arange\(N\)\.repeat\(M\) \(N=4, M=3\).*Build a and p with "
+                     r"\.repeat_interleave\(M\) -- or use pml_triplets\.build_indices\(N, M\)", id="3-tuple"),
+        pytest.param("4-tuple", r"a2 = arange\(N\)\.repeat\(M\) \(N=4, M=3\).*Build a2 with \.repeat_interleave\(M\): "
+                     r"a2 = torch\.arange\(4\)\.repeat_interleave\(3\)", id="4-tuple"),
+    ],
+)  # fmt: skip
+def test_recipe_warns_once_in_either_form(form: str, match: str) -> None:
+    emb = randn(20, 4)
+    recipe = article_tuple(4, 3, "repeat") if form == "3-tuple" else article_pairs(4, 3, "repeat")
+    loss_fn = pt.NTXentLoss()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = [loss_fn(emb, indices_tuple=recipe) for _ in range(2)]
+    layout = [w for w in caught if issubclass(w.category, RepeatLayoutWarning)]
+    assert len(layout) == 1, [str(w.message) for w in caught]
+    assert re.search(match, str(layout[0].message))
+    assert layout[0].filename == __file__
+    for value in got:  # computed as given: PML's number for the tuple
+        torch.testing.assert_close(value, losses.NTXentLoss()(emb, indices_tuple=recipe), **TOL)
+
+
+def test_four_tuple_recipe_with_offset_anchors_names_the_offset() -> None:  # rows 0-4 are something else
+    with pytest.warns(RepeatLayoutWarning, match=r"a2 = 5 \+ torch\.arange\(3\)\.repeat_interleave\(4\)"):
+        pt.NTXentLoss()(randn(5 + 6 + 12, 4), indices_tuple=article_pairs(3, 4, "repeat", start=5))
+
+
+def test_article_values_in_the_four_tuple_form() -> None:
+    # The README's call (N=512, M=32, d=128, seed 0) written as PML's 4-tuple: the recipe's 4.2075, the right 4.2256
+    torch.manual_seed(0)
+    n, m, d = 512, 32, 128
+    anchors, positives, negatives = torch.randn(n, d), torch.randn(n, d), torch.randn(n, m, d)
+    emb = pt.concat_embeddings(anchors, positives, negatives)  # (2N + N*M, d)
+    with pytest.warns(RepeatLayoutWarning, match=r"N=512, M=32"):
+        recipe = pt.NTXentLoss()(emb, indices_tuple=article_pairs(n, m, "repeat"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RepeatLayoutWarning)
+        right = pt.NTXentLoss()(emb, indices_tuple=article_pairs(n, m, "repeat_interleave"))
+    assert (f"{recipe.item():.4f}", f"{right.item():.4f}") == ("4.2075", "4.2256")
+
+
+@pytest.mark.parametrize("form", ["3-tuple", "4-tuple"])
+def test_a_layout_found_fine_is_not_read_again(form: str) -> None:
+    # On the CPU a call reads a few values for its range checks, the same in every call; the layout test reads one
+    # more, in the first call of a tuple signature only. After a warning, no call reads for the layout either.
+    emb = randn(20, 4)
+    make = article_tuple if form == "3-tuple" else article_pairs
+    right, recipe = make(4, 3, "repeat_interleave"), make(4, 3, "repeat")
+    loss_fn = pt.NTXentLoss()
+    first, *later = (host_reads(lambda: loss_fn(emb, indices_tuple=right)) for _ in range(3))
+    assert later == [first - 1] * 2
+    warned = pt.NTXentLoss()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RepeatLayoutWarning)
+        assert host_reads(lambda: warned(emb, indices_tuple=recipe)) > first - 1
+        assert [host_reads(lambda: warned(emb, indices_tuple=recipe)) for _ in range(2)] == later
+
+
+def test_layout_reads_stop_after_sixteen_signatures() -> None:
+    # Tuples whose lengths keep changing come from a miner: after 16 signatures found fine, nothing more is read
+    emb = randn(40, 4)
+    loss_fn = pt.NTXentLoss()
+    for m in range(2, 18):  # 16 signatures: 2m negative pairs
+        loss_fn(emb, indices_tuple=article_pairs(2, m, "repeat_interleave"))
+    new = article_pairs(2, 18, "repeat_interleave")
+    assert (
+        host_reads(lambda: loss_fn(emb, indices_tuple=new))
+        == host_reads(lambda: pt.NTXentLoss()(emb, indices_tuple=new)) - 1
+    )
+
+
+def exported_miners() -> list[str]:
+    exported = {name: obj for name, obj in vars(miners).items() if isinstance(obj, type)}
+    return sorted(
+        name for name, cls in exported.items() if issubclass(cls, miners.BaseMiner) and cls is not miners.BaseMiner
+    )
+
+
+MINER_RECIPES: dict[str, list[tuple[str, Callable[[], miners.BaseMiner]]]] = {
+    "AngularMiner": [("", lambda: miners.AngularMiner())],
+    "BatchEasyHardMiner": [("", lambda: miners.BatchEasyHardMiner())],
+    "BatchHardMiner": [("", lambda: miners.BatchHardMiner())],
+    "DistanceWeightedMiner": [("", lambda: miners.DistanceWeightedMiner())],
+    "EmbeddingsAlreadyPackagedAsTriplets": [("", lambda: miners.EmbeddingsAlreadyPackagedAsTriplets())],
+    "HDCMiner": [("", lambda: miners.HDCMiner())],
+    "MaximumLossMiner": [("", lambda: miners.MaximumLossMiner(losses.TripletMarginLoss()))],  # where PML ships it
+    "MultiSimilarityMiner": [("", lambda: miners.MultiSimilarityMiner())],
+    "PairMarginMiner": [("", lambda: miners.PairMarginMiner())],
+    "TripletMarginMiner": [
+        (kind, lambda kind=kind: miners.TripletMarginMiner(type_of_triplets=kind))
+        for kind in ("all", "hard", "semihard", "easy")
+    ],
+    "UniformHistogramMiner": [("", lambda: miners.UniformHistogramMiner())],
+}
+MINER_CASES = [
+    pytest.param(make, id=f"{name}-{kind}" if kind else name)
+    for name in exported_miners()
+    for kind, make in MINER_RECIPES.get(name, [("", None)])
+]
+
+
+@pytest.mark.parametrize("make_miner", MINER_CASES)
+def test_no_miner_tuple_warns(make_miner: Callable[[], miners.BaseMiner] | None) -> None:
+    assert make_miner is not None, "a miner PML exports has no recipe here: add it to MINER_RECIPES"
+    emb, labels = randn(24, 8, seed=14), randint(8, 24, seed=15)  # 24 rows: 8 triplets for the packaged ones
+    mined = tuple(make_miner()(emb.detach(), labels))
+    # As mined, and with unused rows after ref_emb's, as many as the negative pairs: no tuple is then dismissed from
+    # its lengths, and every one has its index values read
+    padded = torch.cat([emb.detach(), randn(len(mined[-1]), 8, seed=16).detach()]).requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RepeatLayoutWarning)
+        compare(emb, labels=labels, indices_tuple=mined)(temperature=0.3)
+        compare(emb, padded, labels=labels, indices_tuple=mined)(temperature=0.3)
 
 
 # ------------------------------------------------------------------------------------------------------ bad input

@@ -109,6 +109,7 @@ SCHEDULED = {  # option -> its value at step t: a float schedule
 }
 
 
+@pytest.mark.slow  # (compiles: about 20 s)
 @pytest.mark.skipif(
     getattr(torch._dynamo.config, "specialize_float", True),
     reason="this torch specializes every Python float (one graph per τ value), whatever the library does",
@@ -176,9 +177,10 @@ class LargestTensor(TorchDispatchMode):
 def test_automatic_chunk_keeps_per_positive_blocks_under_the_budget(
     options: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    budget = 1 << 12
+    budget = 1 << 11  # everything is several budgets: chunks (one chunk up to 4 budgets)
     monkeypatch.setitem(_engine._BUDGET, "cpu", budget)
-    a, p, n = (x.float().requires_grad_() for x in data(64, 4, 8, k=4))  # R = 64 * (4 + 4) = 512 candidates
+    # R = 32 * (4 + 4) = 256 candidates: one anchor's (K, R) block alone is 1,024 elements, all of them 32,768
+    a, p, n = (x.float().requires_grad_() for x in data(32, 4, 8, k=4))
     with LargestTensor() as seen:
         pt.infonce(a, p, n, in_batch=True, **options).backward()
     assert seen.numel <= budget, f"an intermediate of {seen.numel} elements, budget {budget}"

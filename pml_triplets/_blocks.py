@@ -169,14 +169,21 @@ class _LogSumExp(torch.autograd.Function):
 
     Autograd's ``grad * (x - lse).exp()`` holds two temporaries of x's size at once beside x; ``softmax(x)`` is the
     same ``exp(x - lse)`` in one fused pass, scaled in place. With a shared block of 65,536 queued rows this is the
-    difference between 1.27x and 1.0x the direct formula's peak memory. (Compiled code and torch.func transforms use
-    ``torch.logsumexp``: the compiler fuses it, the transforms need no custom rule.)
+    difference between 1.27x and 1.0x the direct formula's peak memory; its forward rule (eager forward AD) is
+    ``Σ softmax(x) · ẋ``. (Compiled code and torch.func transforms use ``torch.logsumexp``: the compiler fuses it,
+    the transforms need no custom rule.)
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # (the calling convention whose apply binds no signature)
         ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
         return torch.logsumexp(x, dim=-1)
+
+    @staticmethod
+    def jvp(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return (torch.softmax(x, dim=-1) * t).sum(-1)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:

@@ -14,16 +14,19 @@ With ``s`` the cosine, ``u = scale · g / (D(a) D(r))`` and ``w = scale · g · 
 * ``∂/∂a[c] = Σ_r Σ_j u[c, j] r[c, j] - (Σ_r Σ_j scale · g[c, j] s[c, j]) / D(a[c])² · a[c]``,
 * ``∂/∂r[c, j] = u[c, j] a[c] - w[c, j] r[c, j]``,
 
-the radial terms (those with ``a[c]`` resp. ``r[c, j]``) only where the norm is not clamped. Half-precision rows
-are computed in the anchors' dtype (float32) a block of anchors at a time (about 16 MB of float32 each), never as
-a float32 copy of the whole tensor. Two ways in, one math:
+the radial terms (those with ``a[c]`` resp. ``r[c, j]``) only where the norm is not clamped. The forward rule
+(``jvp``, for ``torch.func.jvp``/``jacfwd``/``hessian`` and eager forward AD) is the derivative of the same formula:
+``ds = scale (<ȧ, r> + <a, ṙ>) / (D(a) D(r)) - s (dD(a) / D(a) + dD(r) / D(r))``, ``dD(x) = <x, ẋ> / ‖x‖`` where
+the norm is not clamped, else 0. Half-precision rows are computed in the anchors' dtype (float32) a block of anchors
+at a time (about 16 MB of float32 each), never as a float32 copy of the whole tensor. Two ways in, one math:
 
-* eager: :class:`_EagerCosineRows`, an ``autograd.Function`` (a recorded backward, for second derivatives,
-  recomputes norms and dots from the inputs); under ``torch.func`` transforms :class:`_CosineRows`, the same with
-  ``setup_context`` and ``generate_vmap_rule``;
-* ``torch.compile``: :class:`_CosineRows` traced, its products written elementwise, which the compiler fuses into
-  passes over ``r`` (traced as batched matrix products they became slower loops: 105 ms against 72 ms eager at
-  N=4096, M=64, d=128 on 2 CPU threads).
+* eager: :class:`_EagerCosineRows`, an ``autograd.Function`` (a backward or jvp that is itself differentiated, for
+  second derivatives, recomputes norms and dots from the inputs); under ``torch.func`` transforms
+  :class:`_TransformedCosineRows`, the same with ``setup_context`` and ``generate_vmap_rule`` (under two forward
+  transforms, ``jacfwd(jacfwd(f))``, plain ops: torch.func drops a Function's outer tangents there);
+* ``torch.compile``: :class:`_CosineRows`, the same without the forward rule (Dynamo traces no custom ``jvp``),
+  traced, its products written elementwise, which the compiler fuses into passes over ``r`` (traced as batched
+  matrix products they became slower loops: 105 ms against 72 ms eager at N=4096, M=64, d=128 on 2 CPU threads).
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
-from ._validation import is_compiling, transformed
+from ._validation import is_compiling, nested_jvp, transformed
 
 __all__: list[str] = []  # private module
 
@@ -57,7 +61,13 @@ def cosine_rows(a: torch.Tensor, rows: Sequence[torch.Tensor], scale: float = 1.
     """
     if not 1 <= len(rows) <= 2:
         raise ValueError(f"`rows` must hold one or two tensors (positives, negatives); got {len(rows)}")
-    fn = _CosineRows if is_compiling() or transformed() else _EagerCosineRows
+    fn: type[_CosineRows] = _EagerCosineRows
+    if is_compiling():
+        fn = _CosineRows
+    elif transformed():
+        if nested_jvp():  # torch.func drops the outer tangents of a Function's jvp (pytorch/pytorch#197867)
+            return list(_forward(scale, a, rows)[: len(rows)])  # plain ops, differentiated by torch's own rules
+        fn = _TransformedCosineRows
     out = fn.apply(scale, a, *rows, *[None] * (2 - len(rows)))  # type: ignore[no-untyped-call]
     return list(out[: len(rows)])
 
@@ -66,8 +76,9 @@ def unit(x: torch.Tensor) -> torch.Tensor:
     """``x / max(‖x‖, eps)`` over the last dim, ``F.normalize``'s rule, with a backward of one pass in eager mode.
 
     ``F.normalize``'s backward goes through the division, the clamp and the norm (five temporaries of x's size);
-    here ``∂/∂x = (g - y <g, y>) / den`` (``<g, y>`` not subtracted where the norm is clamped). Compiled and under
-    torch.func transforms it is ``F.normalize`` itself.
+    here ``∂/∂x = (g - y <g, y>) / den`` (``<g, y>`` not subtracted where the norm is clamped), and the forward rule
+    is the same map of ``ẋ`` (the Jacobian is symmetric). Compiled and under torch.func transforms it is
+    ``F.normalize`` itself.
 
     Example:
         >>> import torch
@@ -85,20 +96,55 @@ class _EagerUnit(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
         ctx.save_for_backward(x, norm)  # not y: the caller may let it go (the in-batch pool is a copy of its parts)
+        ctx.save_for_forward(x, norm)
         y: torch.Tensor = x / norm.clamp_min(_EPS)
         return y
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
         x, norm = ctx.saved_tensors
-        if torch.is_grad_enabled():  # recorded (create_graph): the norm as a function of x
-            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        inv = norm.clamp_min(_EPS).reciprocal()  # (..., 1)
-        # (g - y <g, y>) / den with y = x / den: g / den - x <g, x> / den³, two tensors of x's size written (five
-        # through y); glibc returns freed heap tops to the system, and each fresh temporary page-faults again.
-        c = torch.where(norm > _EPS, (g * x).sum(-1, keepdim=True), 0.0) * inv.pow(3)  # (..., 1)
-        grad: torch.Tensor = g * inv
-        return torch.addcmul(grad, x, c, value=-1) if torch.is_grad_enabled() else grad.addcmul_(x, c, value=-1)
+        return _unit_jacobian(x, norm, g, _differentiated_backward())
+
+    @staticmethod
+    def jvp(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+        x, norm = ctx.saved_tensors
+        return _unit_jacobian(x, norm, t, _differentiated_jvp(x))
+
+
+def _unit_jacobian(x: torch.Tensor, norm: torch.Tensor, v: torch.Tensor, differentiated: bool) -> torch.Tensor:
+    """``J v`` with ``J = (I - y yᵀ) / den`` the Jacobian of ``unit`` at ``x``: symmetric, the backward's and the jvp's.
+
+    ``differentiated``: the result is itself differentiated (recorded, or under forward AD), so the norm is taken
+    again as a function of ``x`` and nothing is written in place.
+    """
+    if differentiated:
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    inv = norm.clamp_min(_EPS).reciprocal()  # (..., 1)
+    # (v - y <v, y>) / den with y = x / den: v / den - x <v, x> / den³, two tensors of x's size written (five
+    # through y); glibc returns freed heap tops to the system, and each fresh temporary page-faults again.
+    c = torch.where(norm > _EPS, (v * x).sum(-1, keepdim=True), 0.0) * inv.pow(3)  # (..., 1)
+    out: torch.Tensor = v * inv
+    return torch.addcmul(out, x, c, value=-1) if differentiated else out.addcmul_(x, c, value=-1)
+
+
+def _differentiated_backward() -> bool:
+    """Whether a backward's result is itself differentiated: recorded, under a torch.func transform, or forward AD.
+
+    Then it reads the forward's norms as functions of the inputs: the saved ones are constants, with neither a graph
+    nor a tangent. Recorded: ``create_graph``; ``hessian`` is a forward transform over the backward; an eager
+    forward-AD level runs it on dual tensors.
+    """
+    if is_compiling():  # (Dynamo traces a backward under a transform of its own; it traces no forward AD)
+        return torch.is_grad_enabled()
+    return torch.is_grad_enabled() or transformed() or fwAD._current_level >= 0
+
+
+def _differentiated_jvp(*inputs: torch.Tensor) -> bool:
+    """Whether a jvp's result is itself differentiated: under a torch.func transform, or recorded for ``inputs``.
+
+    (``jacrev(jacfwd(f))``, or an eager backward through a tangent.)
+    """
+    return transformed() or (torch.is_grad_enabled() and any(x.requires_grad for x in inputs))
 
 
 def _in_place() -> bool:
@@ -125,19 +171,89 @@ def _norms_dots(a: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 def _norms_dots_block(a: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    norm = torch.linalg.vector_norm(r, dim=-1)
+    return torch.linalg.vector_norm(r, dim=-1), _dots(a, r)
+
+
+def _dots(a: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """(C, J) ``<a[c], r[c, j]>``."""
     # Compiled, or one or two rows per anchor (a positive): elementwise (the compiler fuses it with the norms: one
     # pass); else (C, 1, d) x (C, d, J), a batched product twice as fast as (C, J, d) x (C, d, 1) on 2 CPU threads,
     # which writes no (C, J, d) temporary (eager, such a fresh temporary costs more in page faults than the product).
-    elementwise = r.shape[1] <= 2 or is_compiling()
-    dots = (r * a[:, None, :]).sum(-1) if elementwise else torch.matmul(a[:, None, :], r.mT).squeeze(1)
-    return norm, dots
+    if r.shape[1] <= 2 or is_compiling():
+        return (r * a[:, None, :]).sum(-1)
+    return torch.matmul(a[:, None, :], r.mT).squeeze(1)
 
 
 def _anchor_blocks(a: torch.Tensor, r: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """``a`` and ``r`` split into blocks of anchors whose rows hold about ``_CAST_BLOCK`` elements."""
-    size = max(1, _CAST_BLOCK // max(1, r.shape[1] * r.shape[2]))
+    size = _block_size(r)
     return a.split(size), r.split(size)
+
+
+def _block_size(r: torch.Tensor) -> int:
+    return max(1, _CAST_BLOCK // max(1, r.shape[1] * r.shape[2]))
+
+
+def _jvp(
+    scale: float,
+    a: torch.Tensor,
+    ta: torch.Tensor | None,
+    rows: Sequence[torch.Tensor],
+    trows: Sequence[torch.Tensor | None],
+    norm: torch.Tensor,
+    norms: Sequence[torch.Tensor],
+    dots: Sequence[torch.Tensor],
+) -> list[torch.Tensor]:
+    """The tangents of the (C, J) outputs ``s`` for the tangents ``ta`` of ``a`` and ``trows`` of ``rows`` (None: none).
+
+    With ``dD(x) = <x, ẋ> / ‖x‖`` where the norm is not clamped, else 0:
+    ``ds = scale (<ȧ, r> + <a, ṙ>) / (D(a) D(r)) - s (dD(a) / D(a) + dD(r) / D(r))``.
+    """
+    den = norm.clamp_min(_EPS)  # (C, 1)
+    # rel_x = dD(x) / D(x): (C, 1) for a, (C, J) for r
+    rel_a = None if ta is None else torch.where(norm > _EPS, (a * ta).sum(-1, keepdim=True), 0.0) / den.square()
+    out: list[torch.Tensor] = []
+    for r, tr, n, d in zip(rows, trows, norms, dots, strict=True):
+        if ta is None and tr is None:  # (zeros, not None: with materialize_grads off, torch 2.13 asserts on None)
+            out.append(torch.zeros_like(d))
+            continue
+        rr, dd = _tangent_dots(a, ta, r, tr)  # (C, J): <r, ṙ> (None without ṙ), <ȧ, r> + <a, ṙ>
+        den_r = n.clamp_min(_EPS)
+        rel_r = None if rr is None else torch.where(n > _EPS, rr, 0.0) / den_r.square()
+        out.append((dd - d * _total(rel_a, rel_r)) * (scale / (den_r * den)))
+    return out
+
+
+def _total(*xs: torch.Tensor | None) -> torch.Tensor:
+    """The sum of those not None (one at least)."""
+    parts = [x for x in xs if x is not None]
+    return sum(parts[1:], start=parts[0])
+
+
+def _tangent_dots(
+    a: torch.Tensor, ta: torch.Tensor | None, r: torch.Tensor, tr: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(C, J) ``<r, ṙ>`` (None without ``ṙ``) and ``<ȧ, r> + <a, ṙ>`` (one tangent at least), in ``a``'s dtype.
+
+    Half-precision ``r`` and ``ṙ`` are cast a block of anchors at a time, as in the forward.
+    """
+    if r.dtype == a.dtype:
+        return _tangent_dots_block(a, ta, r, tr)
+    size = _block_size(r)
+    blocks = [[None] * -(-a.shape[0] // size) if x is None else x.split(size) for x in (a, ta, r, tr)]
+    parts = [
+        _tangent_dots_block(ab, tab, rb.to(a.dtype), None if trb is None else trb.to(a.dtype))
+        for ab, tab, rb, trb in zip(*blocks, strict=True)
+    ]
+    rr = [x for x, _ in parts if x is not None]
+    return torch.cat(rr) if rr else None, torch.cat([dd for _, dd in parts])
+
+
+def _tangent_dots_block(
+    a: torch.Tensor, ta: torch.Tensor | None, r: torch.Tensor, tr: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    rr = None if tr is None else (r * tr).sum(-1)
+    return rr, _total(None if ta is None else _dots(ta, r), None if tr is None else _dots(a, tr))
 
 
 def _backward(
@@ -230,11 +346,27 @@ def _rows_grad(u: torch.Tensor, w: torch.Tensor, a: torch.Tensor, r: torch.Tenso
     return torch.addcmul(gr, r, w[..., None], value=-1)
 
 
-class _CosineRows(torch.autograd.Function):
-    """For torch.func transforms: ``setup_context`` and a generated vmap rule.
+_Saved = tuple[int, torch.Tensor, list[torch.Tensor], torch.Tensor, list[torch.Tensor], list[torch.Tensor]]
 
-    A fixed signature, ``second`` None for one rows tensor: Dynamo binds a variadic ``forward`` wrongly when no
-    input needs a gradient (torch 2.13: the scale is taken for the anchors).
+
+def _saved(ctx: Any, forward_ad: bool) -> _Saved:
+    """``(count, a, rows, norm of a, norms, dots)`` as ``setup_context`` saved them, for the backward or the jvp.
+
+    The norms and dots are computed again from the inputs where the result is itself differentiated.
+    """
+    count, (a, *rest) = ctx.count, ctx.saved_tensors
+    rows, aux = rest[:count], rest[count:]
+    if _differentiated_jvp(a, *rows) if forward_ad else _differentiated_backward():
+        aux = list(_forward(1.0, a, rows)[count:])
+    return count, a, rows, aux[0], aux[1 : count + 1], aux[count + 1 :]
+
+
+class _CosineRows(torch.autograd.Function):
+    """Traced by torch.compile: ``setup_context``, a generated vmap rule, and no forward rule.
+
+    Dynamo traces neither a custom ``jvp`` nor ``save_for_forward`` (torch 2.13). A fixed signature, ``second``
+    None for one rows tensor: Dynamo binds a variadic ``forward`` wrongly when no input needs a gradient (torch 2.13:
+    the scale is taken for the anchors).
     """
 
     generate_vmap_rule = True
@@ -255,17 +387,28 @@ class _CosineRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        count, (a, *rest) = ctx.count, ctx.saved_tensors
-        rows, aux = rest[:count], rest[count:]  # aux: (norm of a, *norms, *dots)
-        if torch.is_grad_enabled():  # recorded (create_graph): norms and dots as functions of the inputs
-            aux = list(_forward(1.0, a, rows)[count:])
-        norm, norms, dots = aux[0], aux[1 : count + 1], aux[count + 1 :]
+        count, a, rows, norm, norms, dots = _saved(ctx, forward_ad=False)
         want = ctx.needs_input_grad[1 : 2 + count]
         out = _backward(grads[:count], ctx.scale, a, rows, norm, norms, dots, want)
         return (None, *out, *[None] * (2 - count))
 
 
-class _EagerCosineRows(_CosineRows):
+class _TransformedCosineRows(_CosineRows):
+    """Under torch.func transforms: the same with its forward rule."""
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+        _CosineRows.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[1], *[x for x in inputs[2:] if x is not None], *output[ctx.count :])
+
+    @staticmethod
+    def jvp(ctx: Any, _: None, ta: torch.Tensor | None, *trows: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        count, a, rows, norm, norms, dots = _saved(ctx, forward_ad=True)
+        ds = _jvp(ctx.scale, a, ta, rows, trows[:count], norm, norms, dots)
+        return (*ds, *[None] * (1 + 2 * count))  # (the norms and dots: not differentiable)
+
+
+class _EagerCosineRows(_TransformedCosineRows):
     """Eager mode: the same, with ``forward(ctx, ...)``, whose ``apply`` binds no signature (0.05 ms a call)."""
 
     @staticmethod
@@ -273,7 +416,7 @@ class _EagerCosineRows(_CosineRows):
         ctx: Any, scale: float, a: torch.Tensor, first: torch.Tensor, second: torch.Tensor | None
     ) -> tuple[torch.Tensor, ...]:
         output = _forward(scale, a, [first] if second is None else [first, second])
-        _CosineRows.setup_context(ctx, (scale, a, first, second), output)
+        _TransformedCosineRows.setup_context(ctx, (scale, a, first, second), output)
         ctx.set_materialize_grads(False)  # the norms' and dots' gradients stay None, not zeros made for nothing
         return output
 

@@ -150,6 +150,8 @@ def check_temperature(temperature: object) -> Temperature:
 # the engine asks a dozen times a call.)
 _IS_COMPILING = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
 _PEEK_INTERPRETER = torch._C._functorch.peek_interpreter_stack
+_INTERPRETER_STACK = getattr(torch._C._functorch, "get_interpreter_stack", None)
+_JVP = torch._C._functorch.TransformType.Jvp
 
 
 def is_compiling() -> bool:
@@ -168,6 +170,13 @@ def autocast_enabled(device_type: str) -> bool:
 def transformed() -> bool:
     """Whether a torch.func transform (grad, vjp, vmap, ...) is active around this call."""
     return _PEEK_INTERPRETER() is not None
+
+
+def nested_jvp() -> bool:
+    """Whether two or more torch.func forward-mode transforms (``jvp``, ``jacfwd``) are active around this call."""
+    if _INTERPRETER_STACK is None:  # (a torch without the query: assumed, where a transform is active at all)
+        return transformed()
+    return sum(1 for i in _INTERPRETER_STACK() or () if i.key() == _JVP) > 1
 
 
 def _check_positive(value: float) -> float:

@@ -4,7 +4,8 @@ Training results move with floating-point reduction order, which a machine chang
 its vector instruction set, and with the seeds a run happens to use. This script executes each notebook (from the
 cells in make_notebooks.py, nothing written back) under:
 
-* ``1 thread`` and ``2 threads`` (``OMP_NUM_THREADS``; the notebooks take torch's default thread count),
+* ``1 thread`` and ``2 threads`` (``OMP_NUM_THREADS``; claim_spread.md was measured when the notebooks took
+  torch's default thread count: every notebook now pins one thread, so these two rows run alike),
 * ``2 threads, AVX2``: ATen's kernels and MKL limited to AVX2 (``ATEN_CPU_CAPABILITY=avx2``,
   ``MKL_ENABLE_INSTRUCTIONS=AVX2``), the code path of a machine without AVX-512,
 * ``1 thread, no SIMD``: ATen's scalar kernels and MKL's SSE4.2 path (``ATEN_CPU_CAPABILITY=default``,

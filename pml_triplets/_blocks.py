@@ -69,7 +69,7 @@ class Context:
     shared_unused: torch.Tensor | None = None  # (S,) shared rows that are no negative (a queue's empty slots)
     pool: torch.Tensor | None = None  # (R, d): every row's K positives, then every row's M negatives (R = T*(K + M))
     pool_excluded: torch.Tensor | None = None  # (R,) negatives no anchor may use (masked, or clashing everywhere)
-    pool_ids: torch.Tensor | None = None  # (R,) item ids (below every positive id for negatives without)
+    pool_ids: torch.Tensor | None = None  # (R,) item ids (-1, unknown, for negatives without)
     g_pool: torch.Tensor | None = None  # (R, g)
     anchors: torch.Tensor | None = None  # (T, d) every row's anchor, for the directions that contrast anchors
     g_anchors: torch.Tensor | None = None  # (T, g)

@@ -38,6 +38,7 @@ def _bench() -> ModuleType:
 bench = _bench()
 
 
+@pytest.mark.sweep(fast=1)
 @pytest.mark.parametrize(
     ("in_batch", "option"),
     [

@@ -986,6 +986,7 @@ FAILURES = [  # 8 + 8 + 16 rows in mini-batches of 4: 8 calls in each pass
 ]
 
 
+@pytest.mark.sweep(fast=6)
 @pytest.mark.parametrize("kind", ["module", "callable"])
 @pytest.mark.parametrize("side", ["temperature", "loss_fn", "criterion"])
 @pytest.mark.parametrize(("grad", "at"), FAILURES)

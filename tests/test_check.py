@@ -118,6 +118,7 @@ def test_doubled_gradients_wrapper_keeps_the_value(dtype: torch.dtype) -> None:
     torch.testing.assert_close(g, 2 * g_ref, rtol=0, atol=tiny)
 
 
+@pytest.mark.sweep(fast=3)
 @pytest.mark.parametrize(
     ("fault", "case", "broken"),
     [

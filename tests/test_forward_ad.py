@@ -112,6 +112,7 @@ def setup(name: str, request: pytest.FixtureRequest) -> Case:
 # ------------------------------------------------------------------------------------------- torch.func, first order
 
 
+@pytest.mark.sweep(fast=1)
 @pytest.mark.parametrize("name", FUNC)
 def test_func_jvp_equals_reverse_mode(name: str, request: pytest.FixtureRequest) -> None:
     primals, loss = problem(setup(name, request))
@@ -121,6 +122,7 @@ def test_func_jvp_equals_reverse_mode(name: str, request: pytest.FixtureRequest)
     assert_close(tangent, reverse_dot(loss, primals, vs), **TOL)
 
 
+@pytest.mark.sweep(fast=2)
 @pytest.mark.parametrize("name", FUNC)
 def test_func_jacfwd_equals_jacrev(name: str, request: pytest.FixtureRequest) -> None:
     primals, loss = problem(setup(name, request))
@@ -198,6 +200,7 @@ def func_hessian(kind: str, f: Any, x: torch.Tensor) -> torch.Tensor:
     return torch.func.jacfwd(torch.func.jacfwd(f))(x)  # type: ignore[no-any-return]
 
 
+@pytest.mark.sweep(fast=3)
 @pytest.mark.parametrize("kind", ["hessian", "hessian-no-grad", "jacrev(jacfwd)", "jacfwd(jacfwd)"])
 @pytest.mark.parametrize("name", FUNC)
 def test_func_hessian_equals_the_formula(name: str, kind: str) -> None:
@@ -236,6 +239,7 @@ def eager_hvp(mode: str, loss: Any, primals: list[torch.Tensor], vs: list[torch.
 
 # reverse(tangent) only through _LogSumExp: torch.logsumexp's and cross_entropy's own forward rules cannot be
 # differentiated in reverse in eager mode (torch 2.13: "modified by an inplace operation", output 0 of Exp).
+@pytest.mark.sweep(fast=2)
 @pytest.mark.parametrize(
     ("name", "mode"),
     [(name, "forward(grad)") for name in ("default", "shared", "lse-block", "in_batch")]
@@ -275,6 +279,7 @@ def unit_rows(seed: int, c: int = 4, d: int = 5) -> tuple[torch.Tensor, torch.Te
     return tuple(F.normalize(x, dim=-1) * (1 + 0.5 * torch.rand(*x.shape[:-1], 1, generator=g)) for x in (a, p, n))
 
 
+@pytest.mark.sweep(fast=1)
 @pytest.mark.parametrize("scale", [1.0, 2.5])
 def test_cosine_rows_gradcheck_forward_ad(scale: float) -> None:
     # check_batched_forward_grad: the jvp under vmap (_TransformedCosineRows and its generated vmap rule)
@@ -387,6 +392,7 @@ def test_unit_zero_row_forward_rule() -> None:
     assert_close(got[2], v[2] / 1e-12, rtol=1e-12, atol=0.0)
 
 
+@pytest.mark.sweep(fast=2)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("way", ["eager", "func"])
 def test_half_rows_forward_rule(dtype: torch.dtype, way: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -106,6 +106,7 @@ def test_compiled_without_gradients_equals_eager() -> None:
             assert_close(x, y, **TOL)
 
 
+@pytest.mark.slow  # (test_forward_ad's gradcheck of the same Function, backward included, is fast)
 def test_gradcheck_and_gradgradcheck() -> None:
     a, rows, _ = problem(3, (1, 3))
     a, p, n = leaves(a / a.norm(dim=-1, keepdim=True), *(r / r.norm(dim=-1, keepdim=True) for r in rows))
@@ -294,6 +295,7 @@ def tensors(data: list[torch.Tensor], kw: dict[str, Any]) -> list[torch.Tensor]:
     return [*data, *([kw["shared_negatives"]] if "shared_negatives" in kw else [])]
 
 
+@pytest.mark.sweep(fast=6)
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_loss_and_gradients_equal_the_formula(name: str, spy: list[tuple[int, ...]]) -> None:
     data, kw, formula_kw = call(name)
@@ -345,6 +347,7 @@ def test_raw_dot_product_is_not_normalized(spy: list[tuple[int, ...]]) -> None:
         assert_close(g, e, **TOL)
 
 
+@pytest.mark.slow  # (the Function's own gradcheck is in the fast run)
 def test_loss_gradcheck_and_gradgradcheck() -> None:
     # (no hardness or margin here: their detached terms make the loss differ from what its gradient describes)
     b = batch(3, 3, 4, k=2, seed=8)

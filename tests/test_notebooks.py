@@ -1,9 +1,10 @@
 """The notebooks: their cells come from notebooks/make_notebooks.py, they are committed with outputs (so they render
 on GitHub), and they still execute without error.
 
-The execution test runs a copy in a temporary directory with 2 threads (``OMP_NUM_THREADS``), and never rewrites
-the committed file, whose outputs make_notebooks.py wrote from a 1-thread run (another reduction order). How far
-each claim moves with the thread count, the instruction set and the seeds is measured by notebooks/claim_spread.py
+The execution test runs a copy in a temporary directory and never rewrites the committed file. Every notebook pins
+torch to one intra-op thread in its first code cell (tiny matrices: on a busy 2-core machine, spinning threads
+made a training cell 10x slower), so ``OMP_NUM_THREADS`` (set to 2 here) changes nothing. How far each claim moves
+with the thread count, the instruction set and the seeds is measured by notebooks/claim_spread.py
 (notebooks/claim_spread.md), not here: executing every notebook twice cost the suite about 110 s. Each number a
 notebook's markdown states is checked by ``claim`` (notebooks/claims.py) against its bound, so a change that breaks
 a claim fails here, naming it.

@@ -146,6 +146,7 @@ def count_matrices(distance: distances.BaseDistance) -> list[int]:
 # --------------------------------------------------------------------------------------------- the article's tuple
 
 
+@pytest.mark.sweep(fast=6)
 @pytest.mark.filterwarnings("ignore::pml_triplets.RepeatLayoutWarning")
 @pytest.mark.parametrize("layout", ["repeat", "repeat_interleave"])
 @pytest.mark.parametrize(("d", "path"), [(4, "rows"), (64, "matrix")])
@@ -190,6 +191,7 @@ def random_tuple(rows: int, cols: int, size: int, four: bool, seed: int) -> tupl
     return a, p, torch.cat([neg, neg[:3]])
 
 
+@pytest.mark.sweep(fast=6)
 @pytest.mark.parametrize("make_distance", DISTANCES[:1] + DISTANCES[4:5] + DISTANCES[9:10])
 @pytest.mark.parametrize("with_ref", [False, True], ids=["embeddings", "ref_emb"])
 @pytest.mark.parametrize("four", [False, True], ids=["3-tuple", "4-tuple"])
@@ -292,6 +294,7 @@ REDUCERS = [
 ]
 
 
+@pytest.mark.sweep(fast=5)
 @pytest.mark.parametrize("regularizer", [False, True], ids=["no-regularizer", "lp-regularizer"])
 @pytest.mark.parametrize("make_reducer", REDUCERS)
 def test_reducers_and_regularizer(make_reducer: Callable[[], reducers.BaseReducer], regularizer: bool) -> None:

@@ -109,6 +109,7 @@ def coherent(n: int, m: int, d: int, neg_cos: float, seed: int = 0) -> tuple[tor
     return u, torch.cat([pos, neg.reshape(n * m, d)])  # (n + n*m, d)
 
 
+@pytest.mark.sweep(fast=2)
 @pytest.mark.parametrize(
     ("form", "n", "d"),
     [
@@ -212,6 +213,7 @@ DTYPES = [
 ]
 
 
+@pytest.mark.sweep(fast=8)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("make_distance", DISTANCES)
 def test_rows_in_every_dtype(make_distance: Callable[[], distances.BaseDistance], dtype: torch.dtype) -> None:

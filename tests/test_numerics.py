@@ -300,6 +300,7 @@ ZERO_HALF_CASES = [
 ]
 
 
+@pytest.mark.sweep(fast=4)
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize(("dist", "half"), ZERO_HALF_CASES)
 def test_zero_vectors_in_half_precision(device: str, dist: Dist, half: torch.dtype, engine: str) -> None:
@@ -368,6 +369,7 @@ def _call(dist: Dist, engine: str, mode: str, kw: dict[str, Any], chunk_size: in
 MODES = ["plain", "K=2", "mask", "shared", "in_batch", "ids", "temperature", "everything"]
 
 
+@pytest.mark.sweep(fast=4)
 @pytest.mark.parametrize("mode", ["plain", "K=2", "mask", "in_batch", "ids", "everything"])
 @pytest.mark.parametrize("engine", ENGINES)
 def test_bitwise_deterministic_across_calls_and_single_chunk_sizes(engine: str, mode: str) -> None:

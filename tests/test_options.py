@@ -40,6 +40,7 @@ CASES = [
 ]
 
 
+@pytest.mark.sweep(fast=8)
 @pytest.mark.parametrize("which", CASES)
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("engine", ENGINES)

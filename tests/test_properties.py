@@ -102,6 +102,7 @@ def _assert_all_close(got: list[torch.Tensor], want: list[torch.Tensor], rtol: f
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # (25 random configurations of the float64 loop; the fixed sweeps of test_options are fast)
 @SETTINGS
 @given(case=cases(), engine=ENGINES, dist=st.sampled_from(sorted(DIST)))
 def test_matches_formula(case: Case, engine: str, dist: str) -> None:

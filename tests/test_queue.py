@@ -162,6 +162,7 @@ def call_kwargs(option: dict[str, Any], seed: int) -> tuple[dict[str, torch.Tens
     return data, kw | option
 
 
+@pytest.mark.sweep(fast=4)
 @pytest.mark.parametrize("option", OPTIONS)
 def test_shared_ids_match_the_formula(option: dict[str, Any]) -> None:
     data, kw = call_kwargs(option, seed=3)
@@ -181,6 +182,7 @@ def test_shared_ids_match_the_formula(option: dict[str, Any]) -> None:
         torch.testing.assert_close(g, e, rtol=rtol, atol=atol)
 
 
+@pytest.mark.slow  # (the fused Function's gradcheck and the formula tests of shared ids are fast)
 @pytest.mark.parametrize("in_batch", [False, True])
 def test_gradcheck_and_gradgradcheck_with_shared_ids(in_batch: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     # The blocks' log-sum-exp has its own backward (one softmax, scaled in place): first and second derivatives

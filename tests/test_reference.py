@@ -136,7 +136,7 @@ def loss_and_grads(compute: Any, x: dict[str, Any], tau: Any) -> tuple[torch.Ten
 SEEDS = 200
 
 
-@pytest.mark.sweep(fast=8)
+@pytest.mark.sweep(fast=4)
 @pytest.mark.parametrize("seed", range(SEEDS))
 def test_matches_the_independent_loop(seed: int) -> None:
     x, opt, key, reduction, tensor_tau = draw(seed)
@@ -281,6 +281,7 @@ PML_CONFIGS = [
 ]
 
 
+@pytest.mark.sweep(fast=4)
 @pytest.mark.parametrize("make", PML_CONFIGS)
 def test_matches_plain_pml(make: Any) -> None:
     # K = 1 and a mask: pairs PML takes as they are; an anchor whose negatives are all masked (ℓ = 0) included

@@ -124,7 +124,7 @@ def formula(which: str, partition: str, k: int) -> tuple[torch.Tensor, list[torc
     return _FORMULA[key]
 
 
-@pytest.mark.sweep(fast=8)
+@pytest.mark.sweep(fast=2)
 @pytest.mark.parametrize("chunk_size", [None, 2], ids=["whole", "chunk2"])
 @pytest.mark.parametrize("k", [1, 2], ids=["K1", "K2"])
 @pytest.mark.parametrize(("which", "partition"), cases())
@@ -145,6 +145,7 @@ def test_matches_formula(which: str, partition: str, k: int, chunk_size: int | N
         assert got is None or not got.any(), "the guide must get no gradient"
 
 
+@pytest.mark.slow  # (a check of the sweep's inputs, 3 s of float64 loops; the sweep itself is fast)
 def test_options_change_the_loss() -> None:
     # each option must act on these inputs, or the equalities above compare nothing
     plain = formula("p2a", "joint", 2)[0]  # in_batch with the positive_to_anchor block

@@ -143,6 +143,7 @@ def test_learnable_temperature_leaves_the_users_loss_fn_untouched() -> None:
     assert_untouched(before, user)
 
 
+@pytest.mark.slow  # (100 calls)
 def test_one_module_called_from_four_threads() -> None:
     """4 threads x 25 calls of one learnable-temperature module, each with its own inputs and backward: no error,
     and every value equals the formula's."""
@@ -341,6 +342,7 @@ def func_reference(
     return formula_value_and_grads(a, p, n, **kw)
 
 
+@pytest.mark.sweep(fast=2)
 @pytest.mark.parametrize(("chunk", "option"), FUNC_CASES)
 def test_func_grad_equals_formula_gradient(chunk: int | None, option: str) -> None:
     """torch.func.grad w.r.t. anchors, positives and negatives equals the formula's autograd gradient."""
@@ -351,6 +353,7 @@ def test_func_grad_equals_formula_gradient(chunk: int | None, option: str) -> No
         assert_close(g, r, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.sweep(fast=1)
 @pytest.mark.parametrize(("chunk", "option"), FUNC_CASES)
 def test_func_vjp_equals_formula(chunk: int | None, option: str) -> None:
     """torch.func.vjp returns the formula's value, and its pullback of 1.7 is 1.7 x the formula's gradient."""
@@ -363,6 +366,7 @@ def test_func_vjp_equals_formula(chunk: int | None, option: str) -> None:
         assert_close(g, 1.7 * r, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.sweep(fast=1)
 @pytest.mark.parametrize(("chunk", "option"), FUNC_CASES)
 def test_func_vmap_over_independent_problems_equals_formula(chunk: int | None, option: str) -> None:
     """vmap over 3 independent problems (leading batch dim) gives each problem's value, and vmap(grad) its

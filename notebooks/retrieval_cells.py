@@ -45,7 +45,7 @@ import pml_triplets as pt
 import pml_triplets_demo as demo  # the digits demo: data, MLP, triplets, training loop, retrieval scores
 from claims import claim  # notebooks/claims.py: checks a sentence's number against its bound, says which failed
 
-torch.set_num_threads(1)  # tiny matrices: one thread is faster, and on a busy machine extra threads cost up to 10x
+torch.set_num_threads(1)  # tiny matrices: one thread, as the demo trains (no thread contention on a busy machine)
 plt.rcParams["figure.dpi"] = 80  # modest PNGs keep the notebook small
 A2P, P2A, A2A, P2P = "anchor_to_positive", "positive_to_anchor", "anchor_to_anchor", "positive_to_positive"
 SEEDS = (0, 1, 2, 3, 4)

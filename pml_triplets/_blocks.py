@@ -237,8 +237,12 @@ def _blocks(
 
 
 def same_item(ids: torch.Tensor, positive_ids: torch.Tensor) -> torch.Tensor:
-    """``ids == positive_ids`` (broadcast), where the positive id is known: a negative id clashes with nothing."""
-    return (ids == positive_ids) & (positive_ids >= 0)
+    """``ids == positive_ids`` (broadcast), where the positive id is known: a negative id clashes with nothing.
+
+    Negative ids are moved apart first (candidates' to -1, positives' to -2; both operands are small), so that the
+    broadcast result costs one comparison, as plain equality does.
+    """
+    return ids.clamp_min(-1) == positive_ids.masked_fill(positive_ids < 0, -2)
 
 
 def shared_excluded(r: Rows, ctx: Context) -> torch.Tensor | None:

@@ -35,8 +35,14 @@ class NegativeQueue(nn.Module):
     queue holds none, whatever its buffers contain.
 
     Pass it to :func:`~pml_triplets.infonce` (or ``InfoNCE.forward``, or ``cached_step``) as ``queue=``: the same
-    as ``shared_negatives=queue.negatives, shared_negative_ids=queue.ids``. Ids are the items' ids (>= 0, the
-    ``positive_ids`` of the loss); rows enqueued without ids get ``-1`` and never clash.
+    as ``shared_negatives=queue.negatives, shared_negative_ids=queue.ids``. Ids are the items' ids (the
+    ``positive_ids`` of the loss); rows enqueued without ids get ``-1``, and a negative id means "unknown": it
+    clashes with no positive id (a negative positive id clashes with nothing either).
+
+    ``enqueue`` replaces the buffers by updated copies (copy-on-write): a loss computed before it keeps the rows it
+    was computed with until its backward pass. Inside ``torch.compile`` the loss reads the whole buffer and, until
+    the queue is full, a mask of the filled slots, never the fill count: filling the queue and wrapping around
+    cost one recompilation at most (when it becomes full).
 
     Args:
         size: the number of rows the queue holds (>= 1).
@@ -78,6 +84,7 @@ class NegativeQueue(nn.Module):
         self.register_buffer("filled", torch.zeros(self.size, dtype=torch.bool, device=device), persistent=False)
         self.count = 0  # rows enqueued since the last reset: a Python int, so reading it never syncs a device
         self.has_ids = False  # whether a row was enqueued with ids since the last reset
+        self.full = False  # every slot filled: a compiled loss then needs no mask (a bool, which flips once)
 
     def __len__(self) -> int:
         """The number of filled rows, ``min(count, size)``."""
@@ -121,7 +128,7 @@ class NegativeQueue(nn.Module):
         if self.count < self.size:
             self.filled = self.filled.index_fill(0, slots, True)
         self.count += b
-        self.has_ids = self.has_ids or given
+        self.has_ids, self.full = self.has_ids or given, self.count >= self.size
 
     def _check(self, embeddings: object, ids: object) -> torch.Tensor:
         if not isinstance(embeddings, torch.Tensor) or not embeddings.is_floating_point():
@@ -141,7 +148,7 @@ class NegativeQueue(nn.Module):
 
     def reset(self) -> None:
         """Empty the queue (the buffers keep their values; no row is a negative until enqueued again)."""
-        self.count, self.has_ids = 0, False
+        self.count, self.has_ids, self.full = 0, False, False
         self.filled = torch.zeros_like(self.filled)
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -151,6 +158,7 @@ class NegativeQueue(nn.Module):
     def set_extra_state(self, state: Any) -> None:
         """Restore the fill count from ``state_dict()``."""
         self.count, self.has_ids = int(state["count"]), bool(state["has_ids"])
+        self.full = self.count >= self.size
         self.filled = torch.arange(self.size, device=self.filled.device) < self.count
 
     def extra_repr(self) -> str:
@@ -172,7 +180,8 @@ def from_queue(
     The filled rows, in the anchors' dtype (under autocast, say), and their ids whenever ``positive_ids`` are
     given. ``others``: the call has other negatives (its own, or in-batch), so an empty queue is no error.
     ``static`` (default: inside ``torch.compile``): the whole buffer and ``shared_mask`` ``[size]`` (True where a
-    slot is filled), whose shapes never change as the queue fills; else the filled rows and no mask.
+    slot is filled; None once the queue is full), whose shapes never change as the queue fills; else the filled
+    rows and no mask. A compiled loss then makes at most two graphs: while the queue fills, and once it is full.
     """
     if queue is None:
         return shared, shared_ids, None
@@ -180,7 +189,7 @@ def from_queue(
         raise TypeError(f"`queue` must be a pml_triplets.NegativeQueue; got {type(queue).__name__}")
     if shared is not None or shared_ids is not None:
         raise ValueError("pass either `queue` or `shared_negatives` (and `shared_negative_ids`), not both")
-    if queue.has_ids and positive_ids is None:
+    if positive_ids is None and queue.has_ids:  # (has_ids read only then: a compiled loss guards on what it reads)
         raise ValueError(
             "`queue` holds ids, which exclude the queued copies of an anchor's own positives: pass `positive_ids`"
         )
@@ -191,8 +200,8 @@ def from_queue(
         )
     static = is_compiling() if static is None else static
     if static:  # (no Python int read: a compiled loss would be specialized on the fill count)
-        rows, ids, mask = queue.embeddings, queue.item_ids, queue.filled
-        if not others:
+        rows, ids, mask = queue.embeddings, queue.item_ids, None if queue.full else queue.filled
+        if not others and mask is not None:
             torch._assert_async(mask.any(), _EMPTY)
     else:
         if len(queue) == 0 and not others:

@@ -1,4 +1,4 @@
-"""Installing into one's own project, as the README's Install section says: from the clone's path, or a wheel.
+"""Installing into one's own project, as the README and docs/index.md say: from the clone's path, or a wheel.
 
 Both run offline here: no dependencies (torch and PML are in this environment already) and no build isolation
 (``build`` and ``hatchling`` come with the ``dev`` extra). What is checked is where the package is imported from
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text(encoding="utf-8")
+GETTING_STARTED = (ROOT / "docs" / "index.md").read_text(encoding="utf-8")  # names the wheel
 
 
 def run(*args: str | Path, cwd: Path) -> str:
@@ -57,10 +57,10 @@ def test_install_from_the_clone_path(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_the_wheel_the_readme_names_installs(tmp_path: Path) -> None:
+def test_the_wheel_the_docs_name_installs(tmp_path: Path) -> None:
     pytest.importorskip("build")
     pytest.importorskip("hatchling")
-    (wheel_name,) = set(re.findall(r"dist/(pml_triplets-[\w.]+-py3-none-any\.whl)", README))
+    (wheel_name,) = set(re.findall(r"dist/(pml_triplets-[\w.]+-py3-none-any\.whl)", GETTING_STARTED))
     run(sys.executable, "-m", "build", "--no-isolation", "--outdir", tmp_path / "dist", ROOT, cwd=tmp_path)
     wheel = tmp_path / "dist" / wheel_name
     assert wheel.exists(), sorted(p.name for p in (tmp_path / "dist").iterdir())

@@ -1,4 +1,8 @@
-"""Links that work: no URL of a repository that is not known to exist, and README links that resolve in the clone."""
+"""Links that work: no URL of a repository that is not known to exist; README and docs links that resolve in the clone.
+
+``mkdocs build --strict`` checks the docs pages' links and anchors too (tests/test_docs.py, .ci/run); these checks are
+the fast ones, and they cover the README, which the site does not build.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 # No repository or tag there is known to exist. Spelled in two parts so that this file does not match itself.
 UNPUBLISHED = "github.com/" + "pml-triplets"
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")  # [text](target)
@@ -27,9 +32,19 @@ def tracked_text_files() -> list[Path]:
     return [p for p in paths if p.is_file() and b"\0" not in p.read_bytes()[:8192]]
 
 
-def readme_targets() -> list[str]:
-    """Every link target of the README outside code blocks."""
-    return LINK.findall(FENCE.sub("", README.read_text(encoding="utf-8")))
+def targets(page: Path = README) -> list[str]:
+    """Every link target of a Markdown page outside code blocks."""
+    return LINK.findall(FENCE.sub("", page.read_text(encoding="utf-8")))
+
+
+def headings(page: Path) -> set[str]:
+    """The anchors of a Markdown page's headings (a `# comment` in a code block is no heading)."""
+    text = FENCE.sub("", page.read_text(encoding="utf-8"))
+    return {slug(h) for h in re.findall(r"^#{1,6} +(.+?) *#* *$", text, flags=re.M)}
+
+
+def is_relative(target: str) -> bool:
+    return not re.match(r"(https?:|mailto:|#)", target)
 
 
 def slug(heading: str) -> str:
@@ -50,19 +65,34 @@ def test_no_file_links_to_the_unpublished_repository() -> None:
 
 
 def test_relative_readme_links_resolve() -> None:
-    relative = [t for t in readme_targets() if not re.match(r"(https?:|mailto:|#)", t)]
-    assert relative, "the README links the changelog, the benchmarks and the notebooks by relative path"
-    missing = [t for t in relative if not (ROOT / t.split("#", 1)[0]).is_file()]
+    relative = [t for t in targets() if is_relative(t)]
+    assert relative, "the README links the docs, the changelog and the notebooks by relative path"
+    missing = [t for t in relative if not (ROOT / t.split("#", 1)[0]).exists()]
     assert not missing, f"README links to files that are not in the repository: {missing}"
 
 
 def test_readme_anchors_name_headings() -> None:
-    text = FENCE.sub("", README.read_text(encoding="utf-8"))  # a `# comment` in a code block is no heading
-    headings = {slug(h) for h in re.findall(r"^#{1,6} +(.+?) *#* *$", text, flags=re.M)}
-    anchors = [t[1:] for t in readme_targets() if t.startswith("#")]
-    assert anchors, "the README links at least one of its own sections"
-    unknown = [a for a in anchors if a not in headings]
-    assert not unknown, f"README anchors without a heading: {unknown}; headings: {sorted(headings)}"
+    """`#section` names a heading of the README, `docs/page.md#section` one of that page."""
+    anchored = [t.split("#", 1) for t in targets() if "#" in t and not t.startswith("http")]
+    assert anchored, "the README links at least one section of a docs page"
+    unknown = [f"{p}#{a}" for p, a in anchored if a not in headings(ROOT / p if p else README)]
+    assert not unknown, f"README anchors without a heading: {unknown}"
+
+
+def test_docs_links_stay_in_docs_and_resolve() -> None:
+    """The site holds docs/ only: a page links other pages by relative path, and code outside docs/ as text."""
+    pages = sorted(DOCS.rglob("*.md"))
+    assert len(pages) >= 10, pages
+    bad = []
+    for page in pages:
+        for target in filter(is_relative, targets(page)):
+            path, _, anchor = target.partition("#")
+            resolved = (page.parent / path).resolve()
+            if not resolved.is_relative_to(DOCS) or not resolved.is_file():
+                bad.append(f"{page.relative_to(ROOT)}: {target}")
+            elif anchor and anchor not in headings(resolved):
+                bad.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert not bad, f"docs links that leave docs/ or do not resolve: {bad}"
 
 
 @pytest.mark.parametrize(

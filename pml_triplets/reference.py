@@ -1,4 +1,4 @@
-"""InfoNCE written out loop by loop in float64, from the formulas of the README: a yardstick, not a trainer.
+"""InfoNCE written out loop by loop in float64, from the formulas of the docs: a yardstick, not a trainer.
 
 :func:`reference_infonce` takes every argument of :func:`pml_triplets.infonce` and computes the same number the
 slow way. For each anchor it lists each direction's candidates explicitly (embedding, kind, id, guide vector); for

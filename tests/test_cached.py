@@ -1065,7 +1065,7 @@ def _dist_worker(rank: int, init_method: str, workdir: str) -> None:
             rows = slice(start, start + case["sizes"][rank])
             data = {key: v[rows] for key, v in dist_data(case).items()}
             a, p, n = data["anchors"], data["positives"], data["negatives"]
-            # Unequal N: weight the rank's loss by N_r * W / N_total (README), through a criterion.
+            # Unequal N: weight the rank's loss by N_r * W / N_total (docs/how-to/multi-gpu.md), through a criterion.
             weight = case["sizes"][rank] * WORLD / sum(case["sizes"])
             tau = tau_parameter(0.2)
             enc = make_encoder().eval()

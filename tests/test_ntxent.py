@@ -507,7 +507,7 @@ def test_four_tuple_recipe_with_offset_anchors_names_the_offset() -> None:  # ro
 
 
 def test_article_values_in_the_four_tuple_form() -> None:
-    # The README's call (N=512, M=32, d=128, seed 0) written as PML's 4-tuple: the recipe's 4.2075, the right 4.2256
+    # The docs' drop-in (N=512, M=32, d=128, seed 0) written as PML's 4-tuple: the recipe's 4.2075, the right 4.2256
     torch.manual_seed(0)
     n, m, d = 512, 32, 128
     anchors, positives, negatives = torch.randn(n, d), torch.randn(n, d), torch.randn(n, m, d)

@@ -1,6 +1,6 @@
 """``pt.reference_infonce``, the package's float64 yardstick, checked from three sides.
 
-1. Against ``tests/formula.py``, a loop written separately from the same README formulas, over a seeded sweep of
+1. Against ``tests/formula.py``, a loop written separately from the same formulas (docs), over a seeded sweep of
    random option combinations: loss and every gradient to 1e-9 in float64.
 2. Against closed forms derived by hand on orthonormal vectors, where every similarity is 0 or 1.
 3. Against plain PML (``NTXentLoss`` on hand-built pairs: its distances, reducers, regularizers) and against

@@ -58,6 +58,13 @@ def test_the_pages_have_the_examples() -> None:
     assert sum(bool(expected(block)) for page in PAGES for block in python_blocks(page)) >= 14
 
 
+def test_a_needs_line_skips_only_where_the_module_is_missing() -> None:
+    with pytest.raises(pytest.skip.Exception, match="no_such_module_here"):
+        require("# needs: no_such_module_here\nprint(1)\n")
+    require("# needs: torch\nprint(1)\n")  # installed: runs
+    require("import torch  # needs: nothing, not on the first line\n")
+
+
 @pytest.mark.parametrize(("page", "block"), BLOCKS)
 def test_block_prints_its_expected_output_whatever_the_generator_held(page: Path, block: str) -> None:
     require(block)

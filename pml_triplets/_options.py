@@ -1,16 +1,19 @@
 """Every option of the loss, spelled once: name, type (a ``Literal`` for a choice), default and description.
 
-``infonce``, ``InfoNCE``, ``cached_step`` and ``reference_infonce`` take these options; their signatures read the
-defaults from :data:`DEFAULT`, their docstrings list them from :func:`document`, ``InfoNCE``'s ``repr`` prints the
-ones that differ from it, and :func:`make_options` checks them all -- from Python values and object types only,
-never a tensor's value, so it costs microseconds and traces cleanly under ``torch.compile``.
+``infonce``, ``InfoNCE``, ``cached_step`` and ``reference_infonce`` take these options; the signatures of
+``infonce`` and ``InfoNCE`` read the defaults from :data:`DEFAULT`, their docstrings list them from
+:func:`document` (once, in signature order), ``InfoNCE``'s ``repr`` prints the ones that differ from it, and
+:func:`make_options` checks them all -- from Python values and object types only, never a tensor's value, so it
+costs microseconds and traces cleanly under ``torch.compile``.
 """
 
 from __future__ import annotations
 
 import numbers
+import re
 import textwrap
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Literal
 
@@ -119,7 +122,7 @@ DOCS = {  # the entry points' docstrings list these (see document)
         agree on everything else (checked: every rank raises).""",
     "directions": """the softmax blocks of term (i, k): ``"anchor_to_positive"`` (always) and any of
         ``"positive_to_anchor"`` (``s(a_j, p_ik)`` for every row j), ``"anchor_to_anchor"`` (``s(a_i, a_j)``,
-        j != i) and ``"positive_to_positive"`` (``s(p_ik, c)`` for the other rows' candidates); all but the first
+        ``j ≠ i``) and ``"positive_to_positive"`` (``s(p_ik, c)`` for the other rows' candidates); all but the first
         need ``in_batch``. As in sentence-transformers' MultipleNegativesRankingLoss.""",
     "partition": """``"joint"``: one softmax over every block; ``"per_direction"``: the mean over directions of one
         softmax each (anchor_to_positive and positive_to_anchor only).""",
@@ -136,17 +139,24 @@ DOCS = {  # the entry points' docstrings list these (see document)
 NAMES = tuple(f.name for f in fields(Options))
 
 
-def document() -> str:
-    """The options as Google-style ``Args:`` entries (8-space indent), for the entry points' docstrings.
+def document(parameters: Iterable[str] = NAMES, extra: Mapping[str, str] | None = None) -> str:
+    """Google-style ``Args:`` entries (8-space indent) for an entry point's docstring, in its signature's order.
 
+    ``parameters`` are the entry point's parameter names: each option among them gets its entry from ``DOCS``, each
+    name of ``extra`` (an argument that is not an option) the text given there; the others are documented by hand.
     The first line is not indented: it replaces a ``{options}`` placeholder that stands at the entries' indent.
+    Lines break between words, never inside a ``literal``.
     """
-    return "\n".join(
-        textwrap.fill(
-            f"{name}: {' '.join(DOCS[name].split())}", 116, initial_indent=" " * 8, subsequent_indent=" " * 12
-        )
-        for name in NAMES
-    ).lstrip()
+    docs = {**DOCS, **(extra or {})}
+    return "\n".join(_entry(name, docs[name]) for name in parameters if name in docs).lstrip()
+
+
+def _entry(name: str, text: str) -> str:
+    # the spaces of a ``literal`` become U+00A0 while wrapping, so that a line never ends inside one
+    text = re.sub(r"``.+?``", lambda m: m.group().replace(" ", "\N{NO-BREAK SPACE}"), " ".join(text.split()))
+    lines = textwrap.fill(f"{name}: {text}", 116, initial_indent=" " * 8, subsequent_indent=" " * 12,
+                          break_long_words=False, break_on_hyphens=False)  # fmt: skip
+    return lines.replace("\N{NO-BREAK SPACE}", " ")
 
 
 def plain_ntxent(loss_fn: NTXentLoss) -> bool:

@@ -7,6 +7,7 @@ temperature. PML calls it ``NTXentLoss``.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -152,8 +153,6 @@ class InfoNCE(nn.Module):
     (``module.loss_fn = fn``) is checked as the constructor checks it.
 
     Args:
-        learnable_temperature: own a parameter ``log_temperature`` initialised to ``log(temperature)``; the
-            temperature ``exp(log_temperature)`` stays positive.
         {options}
 
     Example:
@@ -228,7 +227,14 @@ class InfoNCE(nn.Module):
         queue: NegativeQueue | None = None,
         guide: Guide | None = None,
     ) -> torch.Tensor:
-        """The loss for one batch; arguments and shapes as in :func:`infonce`."""
+        """The loss for one batch: the data arguments of :func:`infonce`, with the same shapes and meaning.
+
+        ``anchors [N, d]``, ``positives [N, d]`` or ``[N, K, d]``, ``negatives [N, M, d]`` or ``None``,
+        ``negatives_mask [N, M]``, ``shared_negatives [S, d]``, ``positive_ids [N]`` or ``[N, K]``,
+        ``negative_ids [N, M]``, ``shared_negative_ids [S]``, ``queue`` (a :class:`~pml_triplets.NegativeQueue`),
+        ``guide`` (the guide model's embeddings of the three). Returns the 0-d loss (``(N*K,)`` per-pair losses
+        with a ``DoNothingReducer``).
+        """
         others = negatives is not None or self.options.in_batch
         shared, shared_ids, shared_mask = from_queue(queue, shared_negatives, shared_negative_ids, positive_ids,
                                                      anchors, others)  # fmt: skip
@@ -244,5 +250,12 @@ class InfoNCE(nn.Module):
         return f"temperature={tau:.4g}{learn}" + "".join(f", {k}={v!r}" for k, v in changed.items())
 
 
-infonce.__doc__ = (infonce.__doc__ or "").replace("{options}", document())
-InfoNCE.__doc__ = (InfoNCE.__doc__ or "").replace("{options}", document())
+_NOT_OPTIONS = {  # InfoNCE's argument that is not an option of infonce
+    "learnable_temperature": """own a parameter ``log_temperature`` initialised to ``log(temperature)``; the
+        temperature ``exp(log_temperature)`` stays positive.""",
+}
+# Each entry point's Args list its options once, in the order of its signature (python -OO strips docstrings).
+for _entry in (infonce, InfoNCE):
+    _entry.__doc__ = (_entry.__doc__ or "").replace(
+        "{options}", document(inspect.signature(_entry).parameters, _NOT_OPTIONS)
+    )

@@ -7,7 +7,9 @@ Everything random is drawn from a seeded ``torch.Generator`` in float64 on the C
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
@@ -15,6 +17,7 @@ import torch
 from formula import infonce_loop
 from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity, DotProductSimilarity, LpDistance
 from pytorch_metric_learning.losses import NTXentLoss
+from torch import nn
 
 F64 = torch.float64
 
@@ -212,3 +215,26 @@ def formula(
     if kw.get("guide") is not None:  # the formula takes the cosine of the guide: no normalization here
         kw["guide"] = tuple(None if g is None else g.cpu().double() for g in kw["guide"])
     return infonce_loop(prep(anchors), prep(positives), prep(negatives), tau, sim=dist.sim, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Peers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def clip_loss_class() -> type[nn.Module]:
+    """open_clip's ClipLoss from the installed package's ``loss.py``.
+
+    The module needs only torch; it is loaded by file because ``import open_clip`` imports torchvision, whose PyPI
+    wheels fail against a CPU-only torch ("operator torchvision::nms does not exist").
+    """
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("open_clip_torch is not installed (it is not in the dev extra: it pulls CUDA torch)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "loss.py"
+    module_spec = importlib.util.spec_from_file_location("_open_clip_loss", path)
+    assert module_spec is not None
+    assert module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.ClipLoss  # type: ignore[no-any-return]

@@ -14,14 +14,13 @@ all_negatives = "all".
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from formula import infonce_loop
+from helpers import clip_loss_class
 from pytorch_metric_learning.distances import DotProductSimilarity
 from pytorch_metric_learning.losses import NTXentLoss
 from torch import nn
@@ -280,24 +279,6 @@ def test_gist_filter_is_not_vacuous() -> None:
 
 
 # ---------------------------------------------------------------- open_clip
-
-
-def clip_loss_class() -> type[nn.Module]:
-    """open_clip's ClipLoss from the installed package's ``loss.py``.
-
-    The module needs only torch; it is loaded by file because ``import open_clip`` imports torchvision, whose PyPI
-    wheels fail against a CPU-only torch ("operator torchvision::nms does not exist").
-    """
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("open_clip_torch is not installed (it is not in the dev extra: it pulls CUDA torch)")
-    path = Path(next(iter(spec.submodule_search_locations))) / "loss.py"
-    module_spec = importlib.util.spec_from_file_location("_open_clip_loss", path)
-    assert module_spec is not None
-    assert module_spec.loader is not None
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.ClipLoss  # type: ignore[no-any-return]
 
 
 def test_open_clip_loss() -> None:

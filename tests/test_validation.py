@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+import re
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +13,7 @@ from helpers import triplets
 from pytorch_metric_learning.losses import CrossBatchMemory, NTXentLoss, TripletMarginLoss
 
 import pml_triplets as pt
+from pml_triplets._options import document
 
 N, M, D = 4, 3, 5
 
@@ -302,15 +307,49 @@ def test_a_list_of_tensors_gets_the_stack_that_makes_it(name: str, stack: str) -
         pt.infonce(**args)
 
 
-@pytest.mark.parametrize("entry", [pt.infonce, pt.InfoNCE], ids=["infonce", "InfoNCE"])
-def test_help_lists_every_argument_at_one_indentation(entry: object) -> None:
-    # b30fb93: the spliced option list sat at another indentation than `anchors:` in help().
-    import inspect
-    import re
+PUBLIC = [getattr(pt, name) for name in pt.__all__ if callable(getattr(pt, name))]
+WITH_ARGS = [e for e in PUBLIC if "\nArgs:\n" in (inspect.getdoc(e) or "")]
 
+
+def args_section(entry: object) -> list[str]:
+    """The lines of the docstring's ``Args:`` section, as ``help()`` shows them (dedented)."""
+    return (inspect.getdoc(entry) or "").split("\nArgs:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+
+
+@pytest.mark.parametrize("entry", WITH_ARGS, ids=lambda e: e.__name__)
+def test_help_lists_every_argument_at_one_indentation(entry: Any) -> None:
+    # b30fb93: the spliced option list sat at another indentation than `anchors:` in help(). Every public entry
+    # point documents each of its parameters once, in the signature's order, at one indentation.
+    args = args_section(entry)
+    names = [m.group(1) for line in args if (m := re.match(r"^    (\*{0,2}\w+): ", line))]
+    signature = inspect.signature(entry).parameters.values()
+    expected = [{p.VAR_KEYWORD: "**", p.VAR_POSITIONAL: "*"}.get(p.kind, "") + p.name for p in signature]
+    assert names == expected, f"Args of {entry.__name__}: {names}; its signature: {expected}"
+    assert all(re.match(r"^    \*{0,2}\w+: |^        \S", line) for line in args), args
+
+
+def test_help_of_infonce_and_infonce_module_list_the_options_alike() -> None:
+    # the options' entries come from one place (_options.DOCS), so both entry points show the same text
+    def entries(entry: Any) -> dict[str, str]:
+        text = "\n".join(args_section(entry))
+        return dict(re.findall(r"^    (\w+): (.*?)(?=\n    \w|\Z)", text, flags=re.S | re.M))
+
+    function, module = entries(pt.infonce), entries(pt.InfoNCE)
+    shared = set(function) & set(module)
+    assert shared >= {"temperature", "loss_fn", "directions", "margin_strategy"}
+    assert all(function[name] == module[name] for name in shared)
+
+
+@pytest.mark.parametrize("entry", PUBLIC, ids=lambda e: e.__name__)
+def test_public_docstrings_are_rendered(entry: Any) -> None:
+    # no placeholder left unfilled, a one-line summary first, and the spliced options never break a ``literal``
+    # across lines (each line of an option's entry holds whole ``...`` spans)
     doc = inspect.getdoc(entry) or ""
-    args = doc.split("\nArgs:\n", 1)[1].split("\n\n", 1)[0].splitlines()
-    names = [m.group(1) for line in args if (m := re.match(r"^    (\w+): ", line))]
-    assert set(names) >= {"temperature", "loss_fn", "in_batch", "margin_strategy"}
-    assert all(line.startswith("    ") for line in args), args
-    assert all(re.match(r"^    \w+: |^        \S", line) for line in args), args
+    assert doc.strip(), f"{entry.__name__} has no docstring"
+    assert "{options}" not in doc, doc
+    assert doc.splitlines()[0].strip(), f"{entry.__name__}'s docstring does not start with a summary line"
+    methods = [getattr(entry, m) for m in ("__init__", "forward", "enqueue") if m in getattr(entry, "__dict__", {})]
+    assert all(inspect.getdoc(m) for m in methods), entry
+    if entry in (pt.infonce, pt.InfoNCE):
+        spliced = document(inspect.signature(entry).parameters).splitlines()
+        assert all(line.count("``") % 2 == 0 for line in spliced), [x for x in spliced if x.count("``") % 2]

@@ -27,7 +27,7 @@ training was unstable with a queue: measured here with a 1,024-row queue, 20 epo
 queue both choices give 0.94-0.96). A likely reason, not measured: the query encoder can push its anchors away from
 the lagging key encoder's queue without separating the classes.
 
-What the queue does and does not do here (``notebooks/train_digits.ipynb`` measures it over five seeds): the ids
+What the queue does and does not do here (``studies/train_digits.ipynb`` measures it over five seeds): the ids
 keep an image from being its own anchor's negative, but in the default 1,024-row queue they exclude less than one
 row per anchor on average, while a tenth of the queue is of the anchor's own class (ten digits): false negatives.
 With image ids the queue leaves held-out MAP@R where it is without one, within the seeds' noise; with class labels

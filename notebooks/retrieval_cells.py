@@ -1,4 +1,4 @@
-"""The cells of retrieval_options.ipynb; ``python notebooks/make_notebooks.py`` writes and executes it.
+"""The cells of studies/retrieval_options.ipynb; ``python notebooks/make_notebooks.py`` writes and executes it.
 
 The notebook trains the digits embedder with each retrieval option of ``pt.infonce`` over five seeds (under a
 minute on two CPU cores). Every number a markdown cell states is a ``claim`` (notebooks/claims.py) checked in the

@@ -407,7 +407,7 @@ def notebook_loop(
     m: int,
     batch: int,
 ) -> tuple[list[float], nn.Module]:
-    """The loop retrieval_options.ipynb ran before ``train`` took the loss's options: its stored numbers need
+    """The loop studies/retrieval_options.ipynb ran before ``train`` took the loss's options: its stored numbers need
     ``train`` to take exactly these steps (same draws, same operations, in the same order)."""
     generator = torch.Generator().manual_seed(seed)
     pool = triplets.hard_negative_pool(x, y, 4 * m)

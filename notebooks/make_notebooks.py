@@ -196,7 +196,7 @@ computes the distances of the listed pairs only and each anchor's negatives by s
 the article's `.repeat` tuple it also warns (`pt.RepeatLayoutWarning`, once per loss object) and computes the
 tuple as given. The cell compares both classes on the same tuple at N = 128, M = 8 (d = 64): the same value and
 the warning; it also prints the time of each call on this machine (forward only, best of 3, one thread; the
-README's benchmark measures forward + backward and peak memory).""",
+benchmark in docs/performance.md measures forward + backward and peak memory).""",
     ),
     (
         "code",

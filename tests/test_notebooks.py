@@ -177,13 +177,15 @@ def check_tutorial(nb: nbformat.NotebookNode) -> None:
     # "Hard negatives end with a higher MAP@R on average, by about 0.02 over these three seeds"
     mean_gain = sum(h - r for h, r in zip(n["hard"], n["random"], strict=True)) / 3
     assert 0.005 < mean_gain < 0.04, (n["hard"], n["random"])
-    # "runs in well under a minute on one CPU thread" (the kernel's clock: starting it and the imports not counted)
     assert len(n["seconds"]) == 1, n["seconds"]
-    assert n["seconds"][0] < TUTORIAL_SECONDS, n["seconds"]
 
 
 def test_tutorial_states_what_it_printed() -> None:
-    check_tutorial(committed(TUTORIAL))
+    nb = committed(TUTORIAL)
+    check_tutorial(nb)
+    # "runs in well under a minute on one CPU thread" (the kernel's clock: starting it and the imports not counted).
+    # Read from the committed run only: a fresh run's time says how busy the machine is, not what the text claims.
+    assert tutorial_numbers(nb)["seconds"][0] < TUTORIAL_SECONDS
 
 
 def test_tutorial_prints_results_not_checks() -> None:

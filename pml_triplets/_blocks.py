@@ -15,8 +15,8 @@ block                      logits       candidates
 ``positive_to_positive``   (C, K, R)    the other rows' candidates, seen from the positive p_ik
 =========================  ===========  =====================================================================
 
-:func:`block_lse` applies to any block, in order, hardness (by block kind), exclusion, the guide filter and the
-log-sum-exp; :func:`chunk_loss` combines the blocks per ``partition``. The logits are never concatenated.
+``block_lse`` applies to any block, in order, hardness (by block kind), exclusion, the guide filter and the
+log-sum-exp; ``chunk_loss`` combines the blocks per ``partition``. The logits are never concatenated.
 """
 
 from __future__ import annotations

@@ -20,11 +20,11 @@ the radial terms (those with ``a[c]`` resp. ``r[c, j]``) only where the norm is 
 the norm is not clamped, else 0. Half-precision rows are computed in the anchors' dtype (float32) a block of anchors
 at a time (about 16 MB of float32 each), never as a float32 copy of the whole tensor. Two ways in, one math:
 
-* eager: :class:`_EagerCosineRows`, an ``autograd.Function`` (a backward or jvp that is itself differentiated, for
+* eager: ``_EagerCosineRows``, an ``autograd.Function`` (a backward or jvp that is itself differentiated, for
   second derivatives, recomputes norms and dots from the inputs); under ``torch.func`` transforms
-  :class:`_TransformedCosineRows`, the same with ``setup_context`` and ``generate_vmap_rule`` (under two forward
+  ``_TransformedCosineRows``, the same with ``setup_context`` and ``generate_vmap_rule`` (under two forward
   transforms, ``jacfwd(jacfwd(f))``, plain ops: torch.func drops a Function's outer tangents there);
-* ``torch.compile``: :class:`_CosineRows`, the same without the forward rule (Dynamo traces no custom ``jvp``),
+* ``torch.compile``: ``_CosineRows``, the same without the forward rule (Dynamo traces no custom ``jvp``),
   traced, its products written elementwise, which the compiler fuses into passes over ``r`` (traced as batched
   matrix products they became slower loops: 105 ms against 72 ms eager at N=4096, M=64, d=128 on 2 CPU threads).
 """

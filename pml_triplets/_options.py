@@ -2,8 +2,8 @@
 
 ``infonce``, ``InfoNCE``, ``cached_step`` and ``reference_infonce`` take these options; the signatures of
 ``infonce`` and ``InfoNCE`` read the defaults from :data:`DEFAULT`, their docstrings list them from
-:func:`document` (once, in signature order), ``InfoNCE``'s ``repr`` prints the ones that differ from it, and
-:func:`make_options` checks them all -- from Python values and object types only, never a tensor's value, so it
+``document`` (once, in signature order), ``InfoNCE``'s ``repr`` prints the ones that differ from it, and
+``make_options`` checks them all -- from Python values and object types only, never a tensor's value, so it
 costs microseconds and traces cleanly under ``torch.compile``.
 """
 

@@ -7,7 +7,7 @@ NT-Xent enters a distance negated (``s = -d``) and a similarity as it is, after 
 * ``block(q, r)``: ``q`` (C, d) against every row of ``r`` (R, d) -> (C, R) (shared and in-batch candidates).
 
 * ``raw_rows(a, [p, n])``: the same for anchors and rows as given (the cosine and a plain dot product): the cosine
-  normalizes both on the fly, in one call (:func:`._fused.cosine_rows`): no normalized copy of the (C, M, d)
+  normalizes both on the fly, in one call (``._fused.cosine_rows``): no normalized copy of the (C, M, d)
   negatives, the largest tensor of a per-anchor call, nor of the anchors.
 
 ``compute_mat`` is only ever called on 2-D inputs (PML before 2.9 rejects 3-D ones); for a distance the module does
@@ -95,7 +95,7 @@ class Similarity:
     def raw_rows(self, a: torch.Tensor, rows: list[torch.Tensor], scale: float = 1.0) -> list[torch.Tensor]:
         """``scale * s(a[c], r[c, j])`` (C, J) for ``a`` (C, d) and each ``r`` of ``rows`` (C, J, d), all as given.
 
-        Only where :attr:`fused`: the cosine normalizes anchors and rows on the fly, in one call; a plain dot takes
+        Only where ``fused``: the cosine normalizes anchors and rows on the fly, in one call; a plain dot takes
         them as they are (a dot product is never inverted: no sign to apply). ``scale``: a number (the caller's
         ``1/τ``) multiplying the (C, J) similarities.
         """

@@ -172,7 +172,7 @@ def _config_keywords() -> frozenset[str]:
 def _criterion(criterion: object, options: dict[str, Any]) -> tuple[Callable[..., torch.Tensor], dict[str, Any]]:
     """The loss to call on the embeddings and its keyword arguments, every check that needs no data made now.
 
-    ``None`` is :func:`infonce`: its configuration keywords (temperature, directions, engine, ...) build an
+    ``None`` is ``infonce``: its configuration keywords (temperature, directions, engine, ...) build an
     ``InfoNCE`` here, which validates them before any encoder call; the rest (masks, ids, ...) go to its ``forward``.
     Same numbers: ``infonce`` and ``InfoNCE.forward`` run one computation.
     """
@@ -515,13 +515,13 @@ def cached_step(
         mini_batch_size: rows embedded at a time, in each pass (need not divide N, N*K or N*M).
         criterion: the loss of the embeddings, called once as ``criterion(anchors [N, d], positives [N, d] or
             [N, K, d], negatives [N, M, d] or None, **options)``; must return a 0-d tensor. ``None`` means
-            :func:`~pml_triplets.infonce` (the options that configure an :class:`~pml_triplets.InfoNCE` build one
+            ``infonce`` (the options that configure an ``InfoNCE`` build one
             before the encoder runs, so they are checked first; same numbers). Pass an
-            :class:`~pml_triplets.InfoNCE` module to use its configuration and its learnable temperature (its
+            ``InfoNCE`` module to use its configuration and its learnable temperature (its
             ``log_temperature`` gets its gradient), or any function of the embeddings (say, a loss multiplied by a
             per-rank weight).
         scaler: a ``torch.amp.GradScaler`` (anything with ``scale(tensor)``), or ``None``.
-        **options: keyword arguments of ``criterion`` (for :func:`~pml_triplets.infonce`: ``temperature``, a float
+        **options: keyword arguments of ``criterion`` (for ``infonce``: ``temperature``, a float
             or an ``nn.Parameter``; ``loss_fn``; ``negatives_mask``; ``in_batch``; ids; ``gather_across_devices``;
             ...). Tensor options such as masks and ids are indexed by anchor, as in ``infonce``.
 

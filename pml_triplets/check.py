@@ -1,9 +1,9 @@
-"""``python -m pml_triplets check``: :func:`pml_triplets.infonce` against the float64 reference formula.
+"""``python -m pml_triplets check``: ``pml_triplets.infonce`` against the float64 reference formula.
 
 For every available device and dtype, and for each option of the loss (per-anchor negatives, a mask, K positives,
 shared negatives, in-batch negatives with ids, and the retrieval options: all four directions with hardness
 weighting, and the symmetric per-direction loss with a guide's false-negative filter), the value and the gradients
-with respect to every embedding input are compared with :func:`pml_triplets.reference_infonce` and its autograd
+with respect to every embedding input are compared with ``pml_triplets.reference_infonce`` and its autograd
 gradients, in float64, evaluated on the *same* inputs: half-precision inputs are rounded first, and the reference
 sees the rounded values. The only error left is then the computation's, and the tolerances below bound it.
 
@@ -261,7 +261,7 @@ def _grad_error(grads: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) ->
 
 
 def run_checks(n: int = 16, m: int = 8, d: int = 32, seed: int = 0) -> list[Row]:
-    """Compare every method with the reference on every case, device and dtype; one :class:`Row` each.
+    """Compare every method with the reference on every case, device and dtype; one ``Row`` each.
 
     Args:
         n: anchors N.
@@ -339,7 +339,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def execute(args: argparse.Namespace) -> int:
-    """Run the checks that ``args`` (from :func:`add_arguments`) describe and :func:`report` them."""
+    """Run the checks that ``args`` (from ``add_arguments``) describe and ``report`` them."""
     return report(run_checks(args.n, args.m, args.d, args.seed))
 
 

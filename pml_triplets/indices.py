@@ -3,7 +3,7 @@
 The recipe in circulation concatenates ``[anchors, positives, negatives.reshape(-1, d)]`` and builds
 ``a = arange(N).repeat(M)``. Row ``2N + j`` of that matrix is negative ``j % M`` of anchor ``j // M``, but
 ``repeat`` gives ``a[j] = j % N``: anchors are compared with *other anchors'* negatives. ``repeat_interleave(M)``
-gives ``a[j] = j // M``, the anchor that owns the negative. :func:`pairing_matrix` shows the difference.
+gives ``a[j] = j // M``, the anchor that owns the negative. ``pairing_matrix`` shows the difference.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ IndicesTuple = tuple[torch.Tensor, ...]
 
 
 def concat_embeddings(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
-    """Stack anchors, positives and negatives into the matrix that :func:`build_indices` indexes.
+    """Stack anchors, positives and negatives into the matrix that ``build_indices`` indexes.
 
     Args:
         anchors: ``[N, d]``.
@@ -54,14 +54,14 @@ def concat_embeddings(anchors: torch.Tensor, positives: torch.Tensor, negatives:
 def build_indices(
     n: int, m: int, device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The ``(a, p, n)`` 3-tuple for ``NTXentLoss`` over :func:`concat_embeddings`'s layout.
+    """The ``(a, p, n)`` 3-tuple for ``NTXentLoss`` over ``concat_embeddings``'s layout.
 
     Every anchor index and positive index is repeated once per negative with ``repeat_interleave`` -- *not*
     ``repeat``, which pairs anchor ``j % N`` with negative row ``j`` owned by anchor ``j // M``.
 
     PML turns a 3-tuple into the pairs ``(a, p)`` and ``(a, n)``; each anchor's positive pair appears M times,
     each time with that anchor's M negatives, so the mean over pairs is the mean over anchors. PML returns a zero
-    loss with no gradient when every index tensor has length <= 1 (``n = m = 1``): use :func:`infonce` there.
+    loss with no gradient when every index tensor has length <= 1 (``n = m = 1``): use ``infonce`` there.
 
     Args:
         n: number of anchors N.
@@ -84,7 +84,7 @@ def build_indices(
 
 
 def pairing_matrix(indices_tuple: IndicesTuple, n: int, m: int) -> torch.Tensor:
-    """Which negatives each anchor is compared with, under an indices tuple over :func:`concat_embeddings`.
+    """Which negatives each anchor is compared with, under an indices tuple over ``concat_embeddings``.
 
     Entry ``[i, j]`` is ``True`` when NTXentLoss compares anchor ``i`` with negative row ``2N + j`` (negative
     ``j % M`` of anchor ``j // M``): there is a negative pair ``(i, 2N + j)`` and anchor ``i`` has a positive pair.

@@ -77,8 +77,7 @@ def infonce(  # noqa: D417 (the options' descriptions are filled in from _option
     For each anchor ``i`` and each of its positives ``k``, with ``s`` the similarity of ``loss_fn``'s distance
     (cosine by default; a distance such as ``LpDistance`` enters negated) and ``τ`` the temperature:
 
-    .. math::
-        \ell_{ik} = -\log \frac{e^{s(a_i, p_{ik})/τ}}{e^{s(a_i, p_{ik})/τ} + \sum_{c \in Neg(i)} e^{s(a_i, c)/τ}}
+        ℓ_ik = −log( exp(s(a_i, p_ik)/τ) / (exp(s(a_i, p_ik)/τ) + Σ_{c ∈ Neg(i)} exp(s(a_i, c)/τ)) )
 
     reduced by ``loss_fn``'s reducer and embedding regularizer as ``NTXentLoss.forward`` applies them (mean over
     the N*K pairs by default; ``DoNothingReducer`` gives the (N*K,) per-pair losses, anchor-major). ``Neg(i)``
@@ -105,7 +104,7 @@ def infonce(  # noqa: D417 (the options' descriptions are filled in from _option
             argument: it clashes with nothing. Needs ``negative_ids``, ``shared_negative_ids`` or ``in_batch``.
         negative_ids: ``[N, M]`` integer ids of ``negatives``; needs ``positive_ids``.
         shared_negative_ids: ``[S]`` integer ids of ``shared_negatives``; needs ``positive_ids``.
-        queue: a :class:`~pml_triplets.NegativeQueue`: its filled rows and ids as ``shared_negatives`` and
+        queue: a ``NegativeQueue``: its filled rows and ids as ``shared_negatives`` and
             ``shared_negative_ids`` (the rows in the anchors' dtype; the ids when ``positive_ids`` are given); not
             together with them.
         guide: ``(anchors [N, g], positives [N, g] or [N, K, g], negatives [N, M, g] or None)`` embeddings of a
@@ -144,7 +143,7 @@ def infonce(  # noqa: D417 (the options' descriptions are filled in from _option
 
 
 class InfoNCE(nn.Module):
-    """``nn.Module`` form of :func:`infonce`: configuration in the constructor, data in ``forward``.
+    """``nn.Module`` form of ``infonce``: configuration in the constructor, data in ``forward``.
 
     A tensor ``temperature`` is registered on the module as ``tau``: an ``nn.Parameter`` as a parameter
     (``parameters()``, ``state_dict()``, ``.double()`` see it), any other tensor as a buffer.
@@ -227,11 +226,11 @@ class InfoNCE(nn.Module):
         queue: NegativeQueue | None = None,
         guide: Guide | None = None,
     ) -> torch.Tensor:
-        """The loss for one batch: the data arguments of :func:`infonce`, with the same shapes and meaning.
+        """The loss for one batch: the data arguments of ``infonce``, with the same shapes and meaning.
 
         ``anchors [N, d]``, ``positives [N, d]`` or ``[N, K, d]``, ``negatives [N, M, d]`` or ``None``,
         ``negatives_mask [N, M]``, ``shared_negatives [S, d]``, ``positive_ids [N]`` or ``[N, K]``,
-        ``negative_ids [N, M]``, ``shared_negative_ids [S]``, ``queue`` (a :class:`~pml_triplets.NegativeQueue`),
+        ``negative_ids [N, M]``, ``shared_negative_ids [S]``, ``queue`` (a ``NegativeQueue``),
         ``guide`` (the guide model's embeddings of the three). Returns the 0-d loss (``(N*K,)`` per-pair losses
         with a ``DoNothingReducer``).
         """

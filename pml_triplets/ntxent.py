@@ -5,7 +5,7 @@ len(ref_emb)`` distance matrix, and ``NTXentLoss._compute_loss`` compares each o
 of the Q negative pairs through P x Q tensors (``n_per_p = a2 == a1[:, None]`` and four more). With the
 recipe that concatenates ``[anchors, positives, negatives]`` (``pt.concat_embeddings``) that is O(N²M²) memory.
 
-:class:`NTXentLoss` here keeps PML's constructor, ``forward``, pairs (``lmu.convert_to_pairs``), reducers,
+``NTXentLoss`` here keeps PML's constructor, ``forward``, pairs (``lmu.convert_to_pairs``), reducers,
 regularizers and loss dict, and computes the same terms from
 
 * the distance of the listed pairs only -- row by row for PML's own distances (a dot product, a p-norm of the
@@ -16,7 +16,7 @@ regularizers and loss dict, and computes the same terms from
 
 It also warns, once per instance, when a 3-tuple ``(a, p, n)`` or a 4-tuple ``(a1, p, a2, n)`` has the recipe's
 ``arange(N).repeat(M)`` layout, which pairs each anchor with other anchors' negatives (see
-:mod:`pml_triplets.indices`).
+``pml_triplets.indices``).
 """
 
 from __future__ import annotations
@@ -59,8 +59,7 @@ class NTXentLoss(losses.NTXentLoss):  # type: ignore[misc]  # PML ships no type 
     "pos_pair"}}``. For each positive pair ``i`` (repeated pairs are repeated terms), with ``s`` the distance's
     value (negated for a distance that is not inverted, such as ``LpDistance``) and ``τ`` the temperature:
 
-    .. math::
-        \ell_i = -\log \frac{e^{s(a1_i, p_i)/τ}}{e^{s(a1_i, p_i)/τ} + \sum_{j:\, a2_j = a1_i} e^{s(a2_j, n_j)/τ}}
+        ℓ_i = −log( exp(s(a1_i, p_i)/τ) / (exp(s(a1_i, p_i)/τ) + Σ_{j: a2_j = a1_i} exp(s(a2_j, n_j)/τ)) )
 
     so a negative pair listed twice counts twice, and an anchor without negative pairs gets ``-log 1 = 0``. Where
     PML takes ``-log(num / den + tiny)`` (a term can never exceed ``-log(tiny)``: 87.3 in float32), this is the
@@ -89,7 +88,7 @@ class NTXentLoss(losses.NTXentLoss):  # type: ignore[misc]  # PML ships no type 
     or ``[-R, R)`` (columns), the range PML's indexing accepts (``ValueError``; on an accelerator or inside
     ``torch.compile`` a device-side assertion instead, so that no host synchronisation is added).
 
-    Warns :class:`RepeatLayoutWarning`, once per instance, when the tuple has the recipe's ``.repeat`` layout over
+    Warns ``RepeatLayoutWarning``, once per instance, when the tuple has the recipe's ``.repeat`` layout over
     negatives stored anchor by anchor (``negatives.reshape(-1, d)`` of an ``[N, M, d]`` tensor), which compares
     anchor ``j % N`` with negative row ``n[j]`` of anchor ``j // M`` (N, M >= 2, ``n`` consecutive rows):
 
@@ -134,7 +133,7 @@ class NTXentLoss(losses.NTXentLoss):  # type: ignore[misc]  # PML ships no type 
         ref_emb: torch.Tensor,
         ref_labels: torch.Tensor | None,
     ) -> LossDict:
-        """PML's pairs (``lmu.convert_to_pairs``), their distances, and :meth:`_compute_loss` on them."""
+        """PML's pairs (``lmu.convert_to_pairs``), their distances, and ``_compute_loss`` on them."""
         c_f.labels_or_indices_tuple_required(labels, indices_tuple)
         kind = _check_embeddings(embeddings, ref_emb, self.distance)
         given = None if indices_tuple is None else _check_tuple(indices_tuple, embeddings.device)
@@ -265,9 +264,9 @@ def _rowwise(kind: Kind, distance: BaseDistance, x: torch.Tensor, y: torch.Tenso
 
 
 def distance_kind(distance: BaseDistance) -> Kind:
-    """How :func:`pair_values` evaluates ``distance``: row by row for PML's own ``compute_mat``, else the matrix.
+    """How ``pair_values`` evaluates ``distance``: row by row for PML's own ``compute_mat``, else the matrix.
 
-    Row by row in every dtype: :func:`_rowwise` follows ``compute_mat``'s float16 branch where it has one.
+    Row by row in every dtype: ``_rowwise`` follows ``compute_mat``'s float16 branch where it has one.
     """
     cls = type(distance)
     if cls.forward is not BaseDistance.forward:

@@ -34,7 +34,7 @@ class NegativeQueue(nn.Module):
     ``state_dict()``, ``.to(device)``, checkpoints and resuming work. Only filled rows are ever negatives: a fresh
     queue holds none, whatever its buffers contain.
 
-    Pass it to :func:`~pml_triplets.infonce` (or ``InfoNCE.forward``, or ``cached_step``) as ``queue=``: the same
+    Pass it to ``infonce`` (or ``InfoNCE.forward``, or ``cached_step``) as ``queue=``: the same
     as ``shared_negatives=queue.negatives, shared_negative_ids=queue.ids``. Ids are the items' ids (the
     ``positive_ids`` of the loss); rows enqueued without ids get ``-1``, and a negative id means "unknown": it
     clashes with no positive id (a negative positive id clashes with nothing either).

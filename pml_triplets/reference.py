@@ -1,6 +1,6 @@
 """InfoNCE written out loop by loop in float64, from the formulas of the docs: a yardstick, not a trainer.
 
-:func:`reference_infonce` takes every argument of :func:`pml_triplets.infonce` and computes the same number the
+``reference_infonce`` takes every argument of ``pml_triplets.infonce`` and computes the same number the
 slow way. For each anchor it lists each direction's candidates explicitly (embedding, kind, id, guide vector); for
 each of its positives it computes every logit one similarity at a time, through the distance object on 1-row
 matrices, and takes one log-sum-exp per softmax. It shares nothing with the engines but the input checks.
@@ -111,15 +111,12 @@ def reference_infonce(
     guide: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
     similarity: Similarity | None = None,
 ) -> torch.Tensor:
-    r"""The loss of :func:`pml_triplets.infonce`, one anchor and one positive at a time, in float64.
+    r"""The loss of ``pml_triplets.infonce``, one anchor and one positive at a time, in float64.
 
     For term (i, k), with ``P = s(a_i, p_ik)/τ`` and one block of logits per direction,
 
-    .. math::
-        \ell_{ik} = \log\Big(e^{P} + \sum_{\text{blocks } B} \sum_{c \in B} e^{L_c}\Big) - P
-        \quad\text{(joint)}, \qquad
-        \ell_{ik} = \operatorname{mean}_{B} \log\Big(e^{P} + \sum_{c \in B} e^{L_c}\Big) - P
-        \quad\text{(per\_direction)}
+        ℓ_ik = log(e^P + Σ_{blocks B} Σ_{c ∈ B} e^{L_c}) − P        (partition="joint")
+        ℓ_ik = mean_B log(e^P + Σ_{c ∈ B} e^{L_c}) − P            (partition="per_direction")
 
     * anchor_to_positive: ``L_c = s(a_i, c)/τ (+ hardness_strength * s(a_i, c).detach())`` over anchor i's unmasked
       negatives ("own"), the shared negatives ("shared") and, with ``in_batch``, every other row's positives and

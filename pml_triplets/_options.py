@@ -1,7 +1,7 @@
 """Every option of the loss, spelled once: name, type (a ``Literal`` for a choice), default and description.
 
 ``infonce``, ``InfoNCE``, ``cached_step`` and ``reference_infonce`` take these options; the signatures of
-``infonce`` and ``InfoNCE`` read the defaults from :data:`DEFAULT`, their docstrings list them from
+``infonce`` and ``InfoNCE`` read the defaults from ``DEFAULT``, their docstrings list them from
 ``document`` (once, in signature order), ``InfoNCE``'s ``repr`` prints the ones that differ from it, and
 ``make_options`` checks them all -- from Python values and object types only, never a tensor's value, so it
 costs microseconds and traces cleanly under ``torch.compile``.

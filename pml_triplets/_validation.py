@@ -323,7 +323,7 @@ def _same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
 
 
 def prepare(data: Data, in_batch: bool, filtering: bool, hardness_mode: str | None) -> Batch:
-    """Validate ``data`` (the call's arguments, in :data:`Data`'s order), then bring it into the engine's form."""
+    """Validate ``data`` (the call's arguments, in ``Data``'s order), then bring it into the engine's form."""
     anchors, positives, negatives, mask, shared, pid, nid, sid, guide, shared_mask = data
     spec = check_inputs(*data[:8], in_batch=in_batch)
     if hardness_mode == "own" and spec.m == 0:

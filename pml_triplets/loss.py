@@ -72,7 +72,7 @@ def infonce(  # noqa: D417 (the options' descriptions are filled in from _option
     false_negative_margin: float | None = DEFAULT.false_negative_margin,
     margin_strategy: MarginStrategy = DEFAULT.margin_strategy,
 ) -> torch.Tensor:
-    r"""InfoNCE of each anchor against its positive(s) and negatives, with ``NTXentLoss``'s conventions.
+    """InfoNCE of each anchor against its positive(s) and negatives, with ``NTXentLoss``'s conventions.
 
     For each anchor ``i`` and each of its positives ``k``, with ``s`` the similarity of ``loss_fn``'s distance
     (cosine by default; a distance such as ``LpDistance`` enters negated) and ``τ`` the temperature:
@@ -258,3 +258,4 @@ for _entry in (infonce, InfoNCE):
     _entry.__doc__ = (_entry.__doc__ or "").replace(
         "{options}", document(inspect.signature(_entry).parameters, _NOT_OPTIONS)
     )
+del _entry

@@ -50,7 +50,7 @@ class RepeatLayoutWarning(UserWarning):
 
 
 class NTXentLoss(losses.NTXentLoss):  # type: ignore[misc]  # PML ships no type information
-    r"""PML's ``NTXentLoss``, computed in time and memory linear in the pairs instead of P x Q.
+    """PML's ``NTXentLoss``, computed in time and memory linear in the pairs instead of P x Q.
 
     The constructor (``temperature``, ``distance``, ``reducer``, ``embedding_regularizer``, ...) and ``forward(
     embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None)`` are PML's own; so are the pairs

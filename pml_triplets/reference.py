@@ -111,7 +111,7 @@ def reference_infonce(
     guide: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
     similarity: Similarity | None = None,
 ) -> torch.Tensor:
-    r"""The loss of ``pml_triplets.infonce``, one anchor and one positive at a time, in float64.
+    """The loss of ``pml_triplets.infonce``, one anchor and one positive at a time, in float64.
 
     For term (i, k), with ``P = s(a_i, p_ik)/τ`` and one block of logits per direction,
 

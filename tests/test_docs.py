@@ -108,3 +108,15 @@ def test_the_site_builds_strict_with_the_spliced_options(tmp_path: Path) -> None
     text = re.sub(r"<[^>]+>", " ", infonce)
     for option in ("temperature", "loss_fn", "in_batch", "chunk_size", "engine", "hardness_strength", "partition"):
         assert re.search(rf"\b{option}\b", text), f"the Reference's infonce does not document `{option}`"
+
+
+def test_docstrings_use_no_sphinx_markup() -> None:
+    """The Reference renders docstrings as Markdown: a Sphinx role or directive would show as raw text there."""
+    sphinx = re.compile(r":(?:func|class|meth|attr|mod|data):`|^\s*\.\. \w+::", flags=re.M)
+    found = [
+        f"{path.relative_to(ROOT)}:{text[: m.start()].count(chr(10)) + 1}"
+        for path in sorted((ROOT / "pml_triplets").glob("*.py"))
+        for text in [path.read_text(encoding="utf-8")]
+        for m in sphinx.finditer(text)
+    ]
+    assert not found, f"Sphinx markup (write ``name`` or an indented formula instead): {found}"

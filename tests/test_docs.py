@@ -4,7 +4,8 @@ A reader pastes one block into a fresh interpreter, whose torch generator starts
 runs each block in a fresh namespace twice, after seeding torch's generator with two different values: a block that
 draws a random number before its own ``torch.manual_seed`` prints different numbers and fails. The slow test runs
 each block in its own fresh process, as a reader would. A block whose first line is ``# needs: <module>`` is skipped
-where that module is not installed (the lowest-versions run installs the test extra only).
+where that module is not installed (the lowest-versions run installs the test extra only), and runs in the slow
+tests only, as the peers' own tests do.
 
 The site itself: a slow test builds it with ``mkdocs build --strict`` (broken links and anchors fail) and checks that
 the Reference shows the option list spliced into ``infonce``'s docstring at import time.
@@ -37,6 +38,12 @@ BLOCKS = [
     for page in PAGES
     for i, block in enumerate(python_blocks(page))
 ]
+# A block that runs a peer package (a `# needs:` line) is slow, as the peers' tests are: importing
+# sentence-transformers alone is seconds of the quick run.
+SEEDED_BLOCKS = [
+    pytest.param(*param.values, id=param.id, marks=[pytest.mark.slow] if NEEDS.match(param.values[1]) else [])
+    for param in BLOCKS
+]
 
 
 def expected(block: str) -> list[str]:
@@ -65,7 +72,7 @@ def test_a_needs_line_skips_only_where_the_module_is_missing() -> None:
     require("import torch  # needs: nothing, not on the first line\n")
 
 
-@pytest.mark.parametrize(("page", "block"), BLOCKS)
+@pytest.mark.parametrize(("page", "block"), SEEDED_BLOCKS)
 def test_block_prints_its_expected_output_whatever_the_generator_held(page: Path, block: str) -> None:
     require(block)
     state = torch.get_rng_state()

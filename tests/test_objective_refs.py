@@ -96,6 +96,13 @@ def test_kl_closed_form(tau_s: float, tau_t: float | None) -> None:
     close(got, want)
 
 
+def test_kl_group_of_several_positives() -> None:
+    # K = 2 positives (e0, e1) then one negative e2: the group is the K + M = 3 candidates, cosines (1, 0, 0)
+    t = torch.tensor([[1.0, 2.0, -1.0]], dtype=F64)
+    got = distillation_term(E[:1], E[None, :2], E[None, 2:3], t, 0.5, distillation="kl")
+    close(got, 0.25 * kl([2.0, 4.0, -2.0], [2.0, 0.0, 0.0]))
+
+
 def test_kl_batchmean_over_anchors() -> None:
     # two rows: the mean of the rows' KLs (not the mean over the N·(K+M) entries)
     a, p, neg = E[[0, 3]], E[[0, 3]], torch.stack([E[1:3], E[4:6]])

@@ -1,0 +1,525 @@
+"""Exact hard-negative mining over a corpus: the step that makes predefined triplets.
+
+For each query, the negatives are the corpus items most similar to it (the loss's similarity: cosine by default)
+that survive the filters, after skipping the ``range_min`` hardest survivors -- sentence-transformers 6.2
+``util.mine_hard_negatives``' conventions on embeddings instead of texts. The search is exact and tiled as FAISS's
+``IndexFlatIP`` blocks it: query tiles × corpus tiles, the filters applied inside each tile before a running top-k
+per query, so nothing is lost and the ``(Q, C)`` score matrix never exists (memory linear in ``Q + C``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import torch
+from pytorch_metric_learning.losses import NTXentLoss
+
+from ._similarity import Similarity
+from ._validation import _floating, _shape, _tensor
+
+__all__ = ["MinedNegatives", "mine_negatives"]
+
+Sampling = Literal["top", "random"]
+
+_TILE_ELEMENTS = 1 << 22  # scores of one (query tile, corpus tile) block: 16 MB in float32
+_QUERY_TILE = 1024
+_NONE = torch.iinfo(torch.int64).max  # the random key of a candidate outside the window
+# splitmix64's constants as signed int64 (torch's int64 arithmetic wraps as unsigned arithmetic would)
+_GAMMA, _MIX1, _MIX2 = (c - (1 << 64) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+class MinedNegatives(NamedTuple):
+    """The negatives mined for ``Q`` queries, ``M = num_negatives`` columns, hardest first.
+
+    Attributes:
+        ids: ``[Q, M]`` int64 corpus indices, ``-1`` where a query has fewer than ``M`` negatives.
+        scores: ``[Q, M]`` their similarity to the query, in the inputs' dtype; ``-inf`` where ``ids`` is ``-1``.
+        mask: ``[Q, M]`` bool, ``True`` for a real negative (``ids >= 0``).
+    """
+
+    ids: torch.Tensor
+    scores: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One checked call: the inputs, the similarity, the filters and the tiles."""
+
+    queries: torch.Tensor  # (Q, d)
+    corpus: torch.Tensor  # (C, d)
+    m: int
+    positive_ids: torch.Tensor  # (Q, P)
+    banned: torch.Tensor  # (Q, P + E): never a negative
+    range_min: int
+    range_max: int | None
+    max_score: float | None
+    min_score: float | None
+    absolute_margin: float | None
+    relative_margin: float | None
+    sampling: Sampling
+    seed: int
+    sim: Similarity
+    work: torch.dtype
+    query_chunk: int
+    corpus_chunk: int
+
+    @property
+    def margins(self) -> bool:
+        return self.absolute_margin is not None or self.relative_margin is not None
+
+
+def mine_negatives(
+    queries: torch.Tensor,
+    corpus: torch.Tensor,
+    num_negatives: int,
+    *,
+    positive_ids: torch.Tensor,
+    exclude_ids: torch.Tensor | None = None,
+    range_min: int = 0,
+    range_max: int | None = None,
+    max_score: float | None = None,
+    min_score: float | None = None,
+    absolute_margin: float | None = None,
+    relative_margin: float | None = None,
+    sampling: Sampling = "top",
+    generator: torch.Generator | None = None,
+    loss_fn: NTXentLoss | None = None,
+    query_chunk: int | None = None,
+    corpus_chunk: int | None = None,
+    progress: bool = False,
+    index: Any = None,
+) -> MinedNegatives:
+    """Mine ``num_negatives`` hard negatives per query from a corpus, exactly, in memory linear in ``Q + C``.
+
+    With ``s(q, c)`` the similarity as the loss sees it (``loss_fn``'s distance: the cosine by default; a distance
+    such as ``LpDistance`` enters negated, ``s = -d``), a corpus item ``c`` is a *candidate* of query ``q`` unless
+
+    * ``c`` is one of ``positive_ids[q]`` or ``exclude_ids[q]``;
+    * ``s(q, c) + absolute_margin > pos(q)``, with ``pos(q)`` the query's lowest positive score;
+    * ``s(q, c) > pos(q) − |pos(q)| · relative_margin``;
+    * ``s(q, c) > max_score`` or ``s(q, c) < min_score``.
+
+    The candidates are ranked by score, highest first (equal scores: the lower corpus index first). The window is
+    ranks ``[range_min, range_max)`` of that ranking (``range_max=None``: every candidate, the whole corpus).
+    ``sampling="top"`` takes the first ``M = num_negatives`` of the window, ``"random"`` a uniformly random subset of
+    ``min(M, window size)`` of it, listed hardest first. A query without any positive id (all ``-1``) has no
+    margin threshold: the margins drop nothing for it.
+
+    ``"random"`` never materializes the window: every (query, corpus item) pair gets a pseudo-random key from a
+    counter-based hash (splitmix64) of a seed and the pair's indices, and the ``M`` candidates of the window with the
+    smallest keys are kept by a running top-k, as the scores are -- a uniformly random subset, the same whatever the
+    tiles or the device. The seed is one draw from ``generator`` (torch's global generator when ``None``).
+
+    Memory: tiles of ``query_chunk × corpus_chunk`` scores (about 4 M by default; 16 MB in float32) and a running
+    top-``(range_min + M)`` per query (``range_max`` for ``"random"`` with a ``range_max``): ``O(Q·(range_min + M)
+    + tile)`` beyond the inputs. The inputs stay on their device; float16/bfloat16 inputs are scored in float32.
+
+    With ``index`` (a FAISS index over the corpus rows normalized as the similarity normalizes them -- unit rows for
+    the cosine -- in corpus order), the index is searched for a window of ``range_max + P + E`` candidates per query
+    (``P``, ``E``: the widths of ``positive_ids`` and ``exclude_ids``; ``range_max=None``: sentence-transformers' rule,
+    ``range_min + 10·M`` with a margin or ``max_score``, else ``range_min + M``), their exact scores are recomputed
+    from ``corpus`` and the filters applied: a query whose window holds too few candidates gets fewer negatives
+    (the gap exact search does not have). An approximate index proposes approximate candidates.
+
+    Args:
+        queries: ``[Q, d]`` query embeddings.
+        corpus: ``[C, d]`` corpus embeddings, same dtype and device.
+        num_negatives: ``M >= 1``, the columns of the result.
+        positive_ids: ``[Q]`` or ``[Q, P]`` corpus indices of each query's positives; negative values pad.
+        exclude_ids: ``[Q, E]`` corpus indices that are never the query's negatives (near-duplicates); negative
+            values pad.
+        range_min: skip this many of the highest-scoring candidates.
+        range_max: the window's end rank among the candidates (at least ``range_min + num_negatives``); ``None``:
+            every candidate.
+        max_score: drop candidates scoring above it.
+        min_score: drop candidates scoring below it.
+        absolute_margin: drop candidates with ``score + absolute_margin > pos``.
+        relative_margin: drop candidates with ``score > pos − |pos| · relative_margin``.
+        sampling: ``"top"`` (the hardest of the window) or ``"random"`` (uniform over the window).
+        generator: a ``torch.Generator`` for ``"random"`` (one draw); reproducible given its state.
+        loss_fn: the ``NTXentLoss`` whose distance defines the similarity (its temperature is not used).
+        query_chunk: queries per tile; ``None``: automatic.
+        corpus_chunk: corpus rows per tile; ``None``: automatic (about 4 M scores per tile).
+        progress: show a tqdm progress bar.
+        index: a FAISS index over the corpus, searched instead of the exact tiles (see above).
+
+    Returns:
+        ``MinedNegatives(ids [Q, M] int64, scores [Q, M], mask [Q, M] bool)``, on the inputs' device. It plugs into
+        the loss as ``infonce(q, corpus[pos], corpus[ids.clamp_min(0)], negatives_mask=mask, positive_ids=pos,
+        negative_ids=ids)``.
+
+    Raises:
+        TypeError: a non-tensor or non-floating embedding, integer ids of another type, an option of the wrong type.
+        ValueError: shapes or devices that disagree, ids out of range, ``num_negatives < 1``, a window smaller than
+            ``num_negatives``, non-finite embeddings, an index whose size or width differs from the corpus.
+
+    Example:
+        >>> import torch, pml_triplets as pt
+        >>> corpus = torch.eye(4)  # four orthogonal items
+        >>> corpus[3] = torch.tensor([0.9, 0.1, 0.0, 0.0])  # item 3 is close to item 0
+        >>> mined = pt.mine_negatives(corpus[:1], corpus, 2, positive_ids=torch.tensor([0]))
+        >>> mined.ids.tolist(), mined.mask.tolist()
+        ([[3, 1]], [[True, True]])
+    """
+    plan = _check(queries, corpus, num_negatives, positive_ids, exclude_ids, range_min, range_max, max_score,
+                  min_score, absolute_margin, relative_margin, sampling, generator, loss_fn, query_chunk,
+                  corpus_chunk)  # fmt: skip
+    if not isinstance(progress, bool):
+        raise TypeError(f"`progress` must be a bool; got {type(progress).__name__}")
+    if index is not None:
+        _check_index(index, plan)
+    q_total = plan.queries.shape[0]
+    bar = _bar(q_total) if progress else None
+    outs = []
+    for q0 in range(0, q_total, plan.query_chunk):
+        q1 = min(q0 + plan.query_chunk, q_total)
+        outs.append(_query_tile(plan, q0, q1, index))
+        if bar is not None:
+            bar.update(q1 - q0)
+    if bar is not None:
+        bar.close()
+    ids = torch.cat([o[0] for o in outs])  # (Q, M)
+    scores = torch.cat([o[1] for o in outs])  # (Q, M)
+    mask = ids >= 0
+    return MinedNegatives(ids, scores.to(queries.dtype), mask)
+
+
+def _bar(total: int) -> Any:
+    from tqdm.auto import tqdm  # a dependency of pytorch-metric-learning
+
+    return tqdm(total=total, unit="query", desc="mining negatives")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one query tile
+
+
+def _query_tile(plan: _Plan, q0: int, q1: int, index: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, scores)`` ``(qt, M)`` of queries ``q0:q1``, hardest first, ``-1`` / ``-inf`` where missing."""
+    qn = plan.sim.normalize(plan.queries[q0:q1].to(plan.work))  # (qt, d)
+    hi, lo = _bounds(plan, q0, q1, qn)
+    if index is not None:
+        v, i = _index_candidates(plan, q0, q1, qn, hi, lo, index)  # (qt, K) sorted
+        window = plan.range_max if plan.range_max is not None else v.shape[1]
+        v, i = v[:, plan.range_min : window], i[:, plan.range_min : window]
+        return _finish(plan, q0, v, i)
+    if plan.sampling == "top":
+        v, i = _top(plan, q0, q1, qn, hi, lo, plan.range_min + plan.m)
+        return _finish(plan, q0, v[:, plan.range_min :], i[:, plan.range_min :])
+    if plan.range_max is not None:  # the window is bounded: keep it whole, then sample from it
+        v, i = _top(plan, q0, q1, qn, hi, lo, plan.range_max)
+        return _finish(plan, q0, v[:, plan.range_min :], i[:, plan.range_min :])
+    edge = None
+    if plan.range_min > 0:  # the range_min-th candidate: the window is everything ranked after it
+        v, i = _top(plan, q0, q1, qn, hi, lo, plan.range_min)
+        edge = (v[:, -1:], i[:, -1:])
+    v, i = _sample(plan, q0, q1, qn, hi, lo, edge)
+    return _finish(plan, q0, v, i)
+
+
+def _finish(plan: _Plan, q0: int, v: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The window ``(v, i)`` (qt, W), ranked: its first M, or M of it at random; then hardest first."""
+    if plan.sampling == "random":
+        keys = _keys(plan, q0, q0 + v.shape[0], i)  # (qt, W)
+        keys = keys.masked_fill(v == -math.inf, _NONE)
+        take = min(plan.m, keys.shape[1])
+        _, j = keys.topk(take, dim=1, largest=False)  # (qt, take)
+        v, i = _ranked(*_by_id(v.gather(1, j), i.gather(1, j)), take)
+    v, i = v[:, : plan.m], i[:, : plan.m]
+    missing = v == -math.inf
+    i = i.masked_fill(missing, -1)
+    if v.shape[1] < plan.m:  # a window narrower than M (an index that returned fewer)
+        pad = plan.m - v.shape[1]
+        v = torch.cat([v, v.new_full((v.shape[0], pad), -math.inf)], 1)
+        i = torch.cat([i, i.new_full((i.shape[0], pad), -1)], 1)
+    return i, v
+
+
+def _bounds(plan: _Plan, q0: int, q1: int, qn: torch.Tensor) -> tuple[torch.Tensor | None, float | None]:
+    """``hi`` (qt,): a candidate scoring above it is dropped (margins, ``max_score``); ``lo``: ``min_score``."""
+    hi = None
+    if plan.margins:
+        pid = plan.positive_ids[q0:q1]  # (qt, P)
+        known = pid >= 0
+        rows = plan.sim.normalize(plan.corpus[pid.clamp_min(0)].to(plan.work))  # (qt, P, d)
+        pos = plan.sim.rows(qn, rows).masked_fill(~known, math.inf).amin(1)  # (qt,) the lowest positive score
+        has = known.any(1)
+        pos = torch.where(has, pos, torch.zeros_like(pos))
+        hi = torch.full_like(pos, math.inf)
+        if plan.absolute_margin is not None:
+            hi = torch.minimum(hi, pos - plan.absolute_margin)
+        if plan.relative_margin is not None:
+            hi = torch.minimum(hi, pos - pos.abs() * plan.relative_margin)
+        hi = torch.where(has, hi, torch.full_like(hi, math.inf))
+    if plan.max_score is not None:
+        cap = torch.full((q1 - q0,), plan.max_score, dtype=plan.work, device=qn.device)
+        hi = cap if hi is None else torch.minimum(hi, cap)
+    return hi, plan.min_score
+
+
+def _scores(
+    plan: _Plan, q0: int, qn: torch.Tensor, c0: int, c1: int, hi: torch.Tensor | None, lo: float | None
+) -> torch.Tensor:
+    """The scores of queries ``q0:`` × items ``c0:c1`` (qt, ct), ``-inf`` where a filter drops the item."""
+    cn = plan.sim.normalize(plan.corpus[c0:c1].to(plan.work))  # (ct, d)
+    s = plan.sim.block(qn, cn)  # (qt, ct)
+    banned = plan.banned[q0 : q0 + qn.shape[0]] - c0  # (qt, B) column in this tile
+    inside = (banned >= 0) & (banned < c1 - c0)
+    if banned.shape[1]:  # amin with +inf leaves a cell as it is: no host sync for the ids outside the tile
+        src = torch.where(inside, -math.inf, math.inf).to(s.dtype)
+        s.scatter_reduce_(1, banned.clamp(0, c1 - c0 - 1), src, reduce="amin")
+    if hi is not None:
+        s.masked_fill_(s > hi[:, None], -math.inf)
+    if lo is not None:
+        s.masked_fill_(s < lo, -math.inf)
+    return s
+
+
+def _top(
+    plan: _Plan, q0: int, q1: int, qn: torch.Tensor, hi: torch.Tensor | None, lo: float | None, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` highest-scoring candidates (qt, k): scores descending, equal scores by lower id; ``-inf`` pads."""
+    c_total = plan.corpus.shape[0]
+    v = qn.new_full((q1 - q0, k), -math.inf)
+    i = torch.full((q1 - q0, k), -1, dtype=torch.int64, device=qn.device)
+    for c0 in range(0, c_total, plan.corpus_chunk):
+        c1 = min(c0 + plan.corpus_chunk, c_total)
+        s = _scores(plan, q0, qn, c0, c1, hi, lo)  # (qt, ct)
+        tv, ti = _tile_top(s, min(k, c1 - c0))
+        # the running list holds lower ids than this tile: a stable sort keeps them first among equal scores
+        v, i = _ranked(torch.cat([v, tv], 1), torch.cat([i, ti + c0], 1), k)
+    return v, i
+
+
+def _tile_top(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best of each row of ``s`` (qt, ct), ties at the cut broken by the lower column, sorted by column."""
+    v, i = s.topk(k, dim=1)  # (qt, k) which of equal values topk keeps is unspecified
+    edge = v[:, -1:]
+    cut = ((s >= edge).sum(1) > k) & (edge[:, 0] > -math.inf)  # more values tie at the cut than were kept
+    if bool(cut.any()):
+        rows = cut.nonzero()[:, 0]
+        sv, si = s[rows].sort(dim=1, descending=True, stable=True)
+        v[rows], i[rows] = sv[:, :k], si[:, :k]
+    i, order = i.sort(dim=1)
+    return v.gather(1, order), i
+
+
+def _ranked(v: torch.Tensor, i: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``k`` of ``(v, i)`` by score descending, keeping the given order among equal scores."""
+    v, order = v.sort(dim=1, descending=True, stable=True)
+    return v[:, :k], i.gather(1, order)[:, :k]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# random sampling over an unbounded window
+
+
+def _sample(
+    plan: _Plan,
+    q0: int,
+    q1: int,
+    qn: torch.Tensor,
+    hi: torch.Tensor | None,
+    lo: float | None,
+    edge: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """M candidates ranked after ``edge`` (score, id) with the smallest keys (qt, M), by score; ``-inf`` pads."""
+    c_total, m = plan.corpus.shape[0], plan.m
+    v = qn.new_full((q1 - q0, m), -math.inf)
+    i = torch.full((q1 - q0, m), -1, dtype=torch.int64, device=qn.device)
+    keys = torch.full((q1 - q0, m), _NONE, dtype=torch.int64, device=qn.device)
+    for c0 in range(0, c_total, plan.corpus_chunk):
+        c1 = min(c0 + plan.corpus_chunk, c_total)
+        s = _scores(plan, q0, qn, c0, c1, hi, lo)  # (qt, ct)
+        ids = torch.arange(c0, c1, device=s.device).expand_as(s)  # (qt, ct)
+        out = s == -math.inf
+        if edge is not None:  # ranked at or before the edge: (score, -id) >= (edge score, -edge id)
+            ev, ei = edge
+            out |= (s > ev) | ((s == ev) & (ids <= ei))
+        tk = _keys(plan, q0, q1, ids).masked_fill(out, _NONE)  # (qt, ct)
+        take = min(m, c1 - c0)
+        tk, j = tk.topk(take, dim=1, largest=False)
+        both = torch.cat([keys, tk], 1)  # (qt, M + take)
+        keys, j2 = both.topk(m, dim=1, largest=False)
+        v = torch.cat([v, s.gather(1, j)], 1).gather(1, j2)
+        i = torch.cat([i, j + c0], 1).gather(1, j2)
+    v = v.masked_fill(keys == _NONE, -math.inf)
+    return _ranked(*_by_id(v, i), m)
+
+
+def _by_id(v: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    i, order = i.sort(dim=1)
+    return v.gather(1, order), i
+
+
+def _keys(plan: _Plan, q0: int, q1: int, ids: torch.Tensor) -> torch.Tensor:
+    """splitmix64 of (seed, query index, corpus id): a non-negative int64 key per pair, the same on any tiling."""
+    q = torch.arange(q0, q1, device=ids.device)[:, None]  # (qt, 1)
+    z = (q * plan.corpus.shape[0] + ids + 1) * _GAMMA + plan.seed  # (qt, W)
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return _shr(z ^ _shr(z, 31), 1)  # the top 63 bits: never _NONE's 2^63 - 1 ... nor negative
+
+
+def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a FAISS index
+
+
+def _index_candidates(
+    plan: _Plan, q0: int, q1: int, qn: torch.Tensor, hi: torch.Tensor | None, lo: float | None, index: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The index's candidates of queries ``q0:q1``, rescored exactly, filtered, ranked (qt, K)."""
+    m, b = plan.m, plan.banned.shape[1]
+    if plan.range_max is not None:
+        window = plan.range_max
+    else:  # sentence-transformers' rule
+        window = plan.range_min + m * (10 if plan.margins or plan.max_score is not None else 1)
+    k = min(window + b, int(index.ntotal))
+    found = qn.detach().to("cpu", torch.float32).contiguous().numpy()
+    _, raw = index.search(found, k)
+    i = torch.from_numpy(raw).to(device=qn.device, dtype=torch.int64)  # (qt, k), -1 where the index has fewer
+    rows = plan.sim.normalize(plan.corpus[i.clamp_min(0)].to(plan.work))  # (qt, k, d)
+    v = plan.sim.rows(qn, rows)  # (qt, k)
+    banned = plan.banned[q0:q1]
+    drop = (i < 0) | (i[:, :, None] == banned[:, None, :]).any(-1)  # (qt, k)
+    if hi is not None:
+        drop |= v > hi[:, None]
+    if lo is not None:
+        drop |= v < lo
+    v = v.masked_fill(drop, -math.inf)
+    v, i = _ranked(*_by_id(v, i), k)
+    return v, i
+
+
+def _check_index(index: Any, plan: _Plan) -> None:
+    c, d = plan.corpus.shape
+    if not (hasattr(index, "search") and hasattr(index, "ntotal") and hasattr(index, "d")):
+        raise TypeError(f"`index` must be a FAISS index (with .search, .ntotal and .d); got {type(index).__name__}")
+    if int(index.ntotal) != c or int(index.d) != d:
+        raise ValueError(
+            f"`index` must hold the corpus, [C, d] = [{c}, {d}]; got ntotal={index.ntotal} and d={index.d}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checks
+
+
+def _check(
+    queries: object,
+    corpus: object,
+    num_negatives: object,
+    positive_ids: object,
+    exclude_ids: object,
+    range_min: object,
+    range_max: object,
+    max_score: object,
+    min_score: object,
+    absolute_margin: object,
+    relative_margin: object,
+    sampling: object,
+    generator: object,
+    loss_fn: object,
+    query_chunk: object,
+    corpus_chunk: object,
+) -> _Plan:
+    q = _tensor("queries", queries)
+    c = _tensor("corpus", corpus)
+    for name, x in (("queries", q), ("corpus", c)):
+        _floating(name, x)
+        if x.ndim != 2:
+            raise ValueError(f"`{name}` must be [{'Q' if name == 'queries' else 'C'}, d]; got {_shape(x)}")
+    if c.shape[1] != q.shape[1]:
+        raise ValueError(f"`corpus` must be [C, d] = [C, {q.shape[1]}] (the width of `queries`); got {_shape(c)}")
+    if c.dtype != q.dtype:
+        raise TypeError(f"`corpus` must have the dtype of `queries`, {q.dtype}; got {c.dtype}")
+    if c.device != q.device:
+        raise ValueError(f"`corpus` is on {c.device} but `queries` is on {q.device}; move them to one device")
+    if q.shape[0] == 0 or c.shape[0] == 0:
+        raise ValueError(f"`queries` and `corpus` must not be empty; got {_shape(q)} and {_shape(c)}")
+    m = _int("num_negatives", num_negatives, 1)
+    lo_rank = _int("range_min", range_min, 0)
+    hi_rank = None if range_max is None else _int("range_max", range_max, 1)
+    if hi_rank is not None and hi_rank - lo_rank < m:
+        raise ValueError(
+            f"the window [range_min, range_max) = [{lo_rank}, {hi_rank}) holds {hi_rank - lo_rank} candidates, "
+            f"fewer than num_negatives={m}"
+        )
+    n, size = q.shape[0], c.shape[0]
+    pid = _ids("positive_ids", positive_ids, q, size, f"[Q] or [Q, P] = [{n}] or [{n}, P]", (1, 2))
+    pid = pid.reshape(n, -1)
+    eid = pid[:, :0]
+    if exclude_ids is not None:
+        eid = _ids("exclude_ids", exclude_ids, q, size, f"[Q, E] = [{n}, E]", (2,))
+    bounds = {
+        name: None if value is None else _real(name, value)
+        for name, value in (
+            ("max_score", max_score),
+            ("min_score", min_score),
+            ("absolute_margin", absolute_margin),
+            ("relative_margin", relative_margin),
+        )
+    }
+    if sampling not in ("top", "random"):
+        raise ValueError(f"`sampling` must be 'top' or 'random'; got {sampling!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"`generator` must be a torch.Generator or None; got {type(generator).__name__}")
+    if loss_fn is not None and not isinstance(loss_fn, NTXentLoss):
+        raise TypeError(f"`loss_fn` must be a pytorch_metric_learning NTXentLoss; got {type(loss_fn).__name__}")
+    qc = None if query_chunk is None else _int("query_chunk", query_chunk, 1)
+    cc = None if corpus_chunk is None else _int("corpus_chunk", corpus_chunk, 1)
+    if not bool(torch.isfinite(q).all()) or not bool(torch.isfinite(c).all()):  # reads values: once, last
+        name = "queries" if not bool(torch.isfinite(q).all()) else "corpus"
+        raise ValueError(f"`{name}` holds NaN or infinite values")
+    qc = qc or min(n, _QUERY_TILE)
+    cc = cc or max(1, min(size, _TILE_ELEMENTS // qc))
+    seed = 0
+    if sampling == "random":
+        device = generator.device if generator is not None else torch.device("cpu")
+        seed = int(torch.randint(-(1 << 62), 1 << 62, (), generator=generator, device=device))
+    work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    sim = Similarity.of(None if loss_fn is None else loss_fn.distance)
+    return _Plan(q, c, m, pid, torch.cat([pid, eid], 1), lo_rank, hi_rank, bounds["max_score"],
+                 bounds["min_score"], bounds["absolute_margin"], bounds["relative_margin"], sampling, seed,
+                 sim, work, qc, cc)  # fmt: skip
+
+
+def _int(name: str, value: object, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int; got {type(value).__name__}")
+    if value < least:
+        raise ValueError(f"`{name}` must be >= {least}; got {value}")
+    return int(value)
+
+
+def _real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a float or None; got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite; got {value}")
+    return float(value)
+
+
+def _ids(name: str, x: object, q: torch.Tensor, size: int, label: str, ndims: tuple[int, ...]) -> torch.Tensor:
+    t = _tensor(name, x)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"`{name}` must be an integer tensor; got dtype {t.dtype}")
+    if t.ndim not in ndims or t.shape[0] != q.shape[0]:
+        raise ValueError(f"`{name}` must be {label}; got {_shape(t)}")
+    if t.device != q.device:
+        raise ValueError(f"`{name}` is on {t.device} but `queries` is on {q.device}; move them to one device")
+    t = t.to(torch.int64)
+    if t.numel() and int(t.max()) >= size:
+        raise ValueError(
+            f"`{name}` must index the corpus, 0 <= id < C = {size} (negative: padding); got {int(t.max())}"
+        )
+    return t

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -172,66 +173,69 @@ def mine_negatives(
         raise TypeError(f"`progress` must be a bool; got {type(progress).__name__}")
     if index is not None:
         _check_index(index, plan)
-    q_total = plan.queries.shape[0]
-    bar = _bar(q_total) if progress else None
-    outs = []
-    for q0 in range(0, q_total, plan.query_chunk):
-        q1 = min(q0 + plan.query_chunk, q_total)
-        outs.append(_query_tile(plan, q0, q1, index))
-        if bar is not None:
-            bar.update(q1 - q0)
+    with torch.no_grad():  # mining is a search, not part of the graph
+        ids, scores = _mine(plan, index, progress)
+    return MinedNegatives(ids, scores.to(plan.queries.dtype), ids >= 0)
+
+
+def _mine(plan: _Plan, index: Any, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, scores)`` (Q, M), hardest first, ``-1`` / ``-inf`` where missing."""
+    qn = plan.sim.normalize(plan.queries.to(plan.work))  # (Q, d) once: every corpus tile meets every query
+    hi = _bounds(plan, qn)
+    passes = 2 if plan.sampling == "random" and plan.range_max is None and plan.range_min > 0 else 1
+    bar = _bar(passes * (qn.shape[0] if index is not None else plan.corpus.shape[0])) if progress else None
+    if index is not None:
+        v, i = _index_candidates(plan, qn, hi, index, bar)  # (Q, K) ranked
+        window = plan.range_max if plan.range_max is not None else v.shape[1]
+        out = _finish(plan, v[:, plan.range_min : window], i[:, plan.range_min : window])
+    elif plan.sampling == "top":
+        v, i = _top(plan, qn, hi, plan.range_min + plan.m, bar)
+        out = _finish(plan, v[:, plan.range_min :], i[:, plan.range_min :])
+    elif plan.range_max is not None:  # a bounded window: keep it whole, then draw from it
+        v, i = _top(plan, qn, hi, plan.range_max, bar)
+        out = _finish(plan, v[:, plan.range_min :], i[:, plan.range_min :])
+    else:
+        edge = None
+        if plan.range_min > 0:  # the range_min-th candidate: the window is everything ranked after it
+            v, i = _top(plan, qn, hi, plan.range_min, bar)
+            edge = (v[:, -1:], i[:, -1:])
+        out = _finish(plan, *_sample(plan, qn, hi, edge, bar))
     if bar is not None:
         bar.close()
-    ids = torch.cat([o[0] for o in outs])  # (Q, M)
-    scores = torch.cat([o[1] for o in outs])  # (Q, M)
-    mask = ids >= 0
-    return MinedNegatives(ids, scores.to(queries.dtype), mask)
+    return out
 
 
 def _bar(total: int) -> Any:
     from tqdm.auto import tqdm  # a dependency of pytorch-metric-learning
 
-    return tqdm(total=total, unit="query", desc="mining negatives")
+    return tqdm(total=total, desc="mining negatives")
+
+
+def _tiles(plan: _Plan, qn: torch.Tensor, bar: Any) -> Iterator[tuple[int, int, int, int, torch.Tensor]]:
+    """``(q0, q1, c0, c1, normalized corpus tile)``, corpus-major: each corpus row is normalized once."""
+    c_total, q_total = plan.corpus.shape[0], qn.shape[0]
+    for c0 in range(0, c_total, plan.corpus_chunk):
+        c1 = min(c0 + plan.corpus_chunk, c_total)
+        cn = plan.sim.normalize(plan.corpus[c0:c1].to(plan.work))  # (ct, d)
+        for q0 in range(0, q_total, plan.query_chunk):
+            yield q0, min(q0 + plan.query_chunk, q_total), c0, c1, cn
+        if bar is not None:
+            bar.update(c1 - c0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# one query tile
+# "top": a running top-k
 
 
-def _query_tile(plan: _Plan, q0: int, q1: int, index: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids, scores)`` ``(qt, M)`` of queries ``q0:q1``, hardest first, ``-1`` / ``-inf`` where missing."""
-    qn = plan.sim.normalize(plan.queries[q0:q1].to(plan.work))  # (qt, d)
-    hi, lo = _bounds(plan, q0, q1, qn)
-    if index is not None:
-        v, i = _index_candidates(plan, q0, q1, qn, hi, lo, index)  # (qt, K) sorted
-        window = plan.range_max if plan.range_max is not None else v.shape[1]
-        v, i = v[:, plan.range_min : window], i[:, plan.range_min : window]
-        return _finish(plan, q0, v, i)
-    if plan.sampling == "top":
-        v, i = _top(plan, q0, q1, qn, hi, lo, plan.range_min + plan.m)
-        return _finish(plan, q0, v[:, plan.range_min :], i[:, plan.range_min :])
-    if plan.range_max is not None:  # the window is bounded: keep it whole, then sample from it
-        v, i = _top(plan, q0, q1, qn, hi, lo, plan.range_max)
-        return _finish(plan, q0, v[:, plan.range_min :], i[:, plan.range_min :])
-    edge = None
-    if plan.range_min > 0:  # the range_min-th candidate: the window is everything ranked after it
-        v, i = _top(plan, q0, q1, qn, hi, lo, plan.range_min)
-        edge = (v[:, -1:], i[:, -1:])
-    v, i = _sample(plan, q0, q1, qn, hi, lo, edge)
-    return _finish(plan, q0, v, i)
-
-
-def _finish(plan: _Plan, q0: int, v: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The window ``(v, i)`` (qt, W), ranked: its first M, or M of it at random; then hardest first."""
+def _finish(plan: _Plan, v: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The window ``(v, i)`` (Q, W), ranked: its first M, or M of it at random; then hardest first."""
     if plan.sampling == "random":
-        keys = _keys(plan, q0, q0 + v.shape[0], i)  # (qt, W)
-        keys = keys.masked_fill(v == -math.inf, _NONE)
+        keys = _keys(plan, 0, v.shape[0], i).masked_fill(v == -math.inf, _NONE)  # (Q, W)
         take = min(plan.m, keys.shape[1])
-        _, j = keys.topk(take, dim=1, largest=False)  # (qt, take)
+        _, j = keys.topk(take, dim=1, largest=False)  # (Q, take)
         v, i = _ranked(*_by_id(v.gather(1, j), i.gather(1, j)), take)
     v, i = v[:, : plan.m], i[:, : plan.m]
-    missing = v == -math.inf
-    i = i.masked_fill(missing, -1)
+    i = i.masked_fill(v == -math.inf, -1)
     if v.shape[1] < plan.m:  # a window narrower than M (an index that returned fewer)
         pad = plan.m - v.shape[1]
         v = torch.cat([v, v.new_full((v.shape[0], pad), -math.inf)], 1)
@@ -239,16 +243,19 @@ def _finish(plan: _Plan, q0: int, v: torch.Tensor, i: torch.Tensor) -> tuple[tor
     return i, v
 
 
-def _bounds(plan: _Plan, q0: int, q1: int, qn: torch.Tensor) -> tuple[torch.Tensor | None, float | None]:
-    """``hi`` (qt,): a candidate scoring above it is dropped (margins, ``max_score``); ``lo``: ``min_score``."""
+def _bounds(plan: _Plan, qn: torch.Tensor) -> torch.Tensor | None:
+    """``hi`` (Q,): a candidate scoring above it is dropped (the margins and ``max_score``)."""
     hi = None
     if plan.margins:
-        pid = plan.positive_ids[q0:q1]  # (qt, P)
-        known = pid >= 0
-        rows = plan.sim.normalize(plan.corpus[pid.clamp_min(0)].to(plan.work))  # (qt, P, d)
-        pos = plan.sim.rows(qn, rows).masked_fill(~known, math.inf).amin(1)  # (qt,) the lowest positive score
-        has = known.any(1)
-        pos = torch.where(has, pos, torch.zeros_like(pos))
+        parts = []
+        for q0 in range(0, qn.shape[0], plan.query_chunk):
+            pid = plan.positive_ids[q0 : q0 + plan.query_chunk]  # (qt, P)
+            rows = plan.sim.normalize(plan.corpus[pid.clamp_min(0)].to(plan.work))  # (qt, P, d)
+            scores = plan.sim.rows(qn[q0 : q0 + plan.query_chunk], rows)  # (qt, P)
+            parts.append(scores.masked_fill(pid < 0, math.inf).amin(1))  # the lowest positive score
+        pos = torch.cat(parts)  # (Q,)
+        has = (plan.positive_ids >= 0).any(1)
+        pos = torch.where(has, pos, torch.zeros_like(pos))  # no positive: no threshold (below)
         hi = torch.full_like(pos, math.inf)
         if plan.absolute_margin is not None:
             hi = torch.minimum(hi, pos - plan.absolute_margin)
@@ -256,54 +263,56 @@ def _bounds(plan: _Plan, q0: int, q1: int, qn: torch.Tensor) -> tuple[torch.Tens
             hi = torch.minimum(hi, pos - pos.abs() * plan.relative_margin)
         hi = torch.where(has, hi, torch.full_like(hi, math.inf))
     if plan.max_score is not None:
-        cap = torch.full((q1 - q0,), plan.max_score, dtype=plan.work, device=qn.device)
+        cap = torch.full((qn.shape[0],), plan.max_score, dtype=plan.work, device=qn.device)
         hi = cap if hi is None else torch.minimum(hi, cap)
-    return hi, plan.min_score
+    return hi
 
 
 def _scores(
-    plan: _Plan, q0: int, qn: torch.Tensor, c0: int, c1: int, hi: torch.Tensor | None, lo: float | None
+    plan: _Plan, qn: torch.Tensor, q0: int, q1: int, cn: torch.Tensor, c0: int, hi: torch.Tensor | None
 ) -> torch.Tensor:
-    """The scores of queries ``q0:`` × items ``c0:c1`` (qt, ct), ``-inf`` where a filter drops the item."""
-    cn = plan.sim.normalize(plan.corpus[c0:c1].to(plan.work))  # (ct, d)
-    s = plan.sim.block(qn, cn)  # (qt, ct)
-    banned = plan.banned[q0 : q0 + qn.shape[0]] - c0  # (qt, B) column in this tile
-    inside = (banned >= 0) & (banned < c1 - c0)
-    if banned.shape[1]:  # amin with +inf leaves a cell as it is: no host sync for the ids outside the tile
+    """The scores of queries ``q0:q1`` × the corpus tile at ``c0`` (qt, ct), ``-inf`` where a filter drops one."""
+    s = plan.sim.block(qn[q0:q1], cn)  # (qt, ct)
+    ct = cn.shape[0]
+    if plan.banned.shape[1]:  # amin with +inf leaves a cell as it is: no host sync for the ids outside the tile
+        banned = plan.banned[q0:q1] - c0  # (qt, B) columns in this tile
+        inside = (banned >= 0) & (banned < ct)
         src = torch.where(inside, -math.inf, math.inf).to(s.dtype)
-        s.scatter_reduce_(1, banned.clamp(0, c1 - c0 - 1), src, reduce="amin")
+        s.scatter_reduce_(1, banned.clamp(0, ct - 1), src, reduce="amin")
     if hi is not None:
-        s.masked_fill_(s > hi[:, None], -math.inf)
-    if lo is not None:
-        s.masked_fill_(s < lo, -math.inf)
+        s.masked_fill_(s > hi[q0:q1, None], -math.inf)
+    if plan.min_score is not None:
+        s.masked_fill_(s < plan.min_score, -math.inf)
     return s
 
 
-def _top(
-    plan: _Plan, q0: int, q1: int, qn: torch.Tensor, hi: torch.Tensor | None, lo: float | None, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` highest-scoring candidates (qt, k): scores descending, equal scores by lower id; ``-inf`` pads."""
-    c_total = plan.corpus.shape[0]
-    v = qn.new_full((q1 - q0, k), -math.inf)
-    i = torch.full((q1 - q0, k), -1, dtype=torch.int64, device=qn.device)
-    for c0 in range(0, c_total, plan.corpus_chunk):
-        c1 = min(c0 + plan.corpus_chunk, c_total)
-        s = _scores(plan, q0, qn, c0, c1, hi, lo)  # (qt, ct)
+def _top(plan: _Plan, qn: torch.Tensor, hi: torch.Tensor | None, k: int, bar: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` highest-scoring candidates (Q, k): scores descending, equal scores by lower id; ``-inf`` pads."""
+    v = qn.new_full((qn.shape[0], k), -math.inf)
+    i = torch.full((qn.shape[0], k), -1, dtype=torch.int64, device=qn.device)
+    for q0, q1, c0, c1, cn in _tiles(plan, qn, bar):
+        s = _scores(plan, qn, q0, q1, cn, c0, hi)  # (qt, ct)
         tv, ti = _tile_top(s, min(k, c1 - c0))
         # the running list holds lower ids than this tile: a stable sort keeps them first among equal scores
-        v, i = _ranked(torch.cat([v, tv], 1), torch.cat([i, ti + c0], 1), k)
+        v[q0:q1], i[q0:q1] = _ranked(torch.cat([v[q0:q1], tv], 1), torch.cat([i[q0:q1], ti + c0], 1), k)
     return v, i
 
 
 def _tile_top(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` best of each row of ``s`` (qt, ct), ties at the cut broken by the lower column, sorted by column."""
-    v, i = s.topk(k, dim=1)  # (qt, k) which of equal values topk keeps is unspecified
-    edge = v[:, -1:]
-    cut = ((s >= edge).sum(1) > k) & (edge[:, 0] > -math.inf)  # more values tie at the cut than were kept
-    if bool(cut.any()):
-        rows = cut.nonzero()[:, 0]
-        sv, si = s[rows].sort(dim=1, descending=True, stable=True)
-        v[rows], i[rows] = sv[:, :k], si[:, :k]
+    """The ``k`` best of each row of ``s`` (qt, ct), ties at the cut broken by the lower column, sorted by column.
+
+    ``topk`` keeps an unspecified one of equal values; one more value than needed shows where a tie meets the cut
+    (rare outside duplicates), and those rows alone are sorted stably.
+    """
+    kk = min(k + 1, s.shape[1])
+    v, i = s.topk(kk, dim=1)  # (qt, kk)
+    if kk > k:
+        cut = (v[:, k - 1] == v[:, k]) & (v[:, k - 1] > -math.inf)
+        v, i = v[:, :k], i[:, :k]
+        if bool(cut.any()):
+            rows = cut.nonzero()[:, 0]
+            sv, si = s[rows].sort(dim=1, descending=True, stable=True)
+            v[rows], i[rows] = sv[:, :k], si[:, :k]
     i, order = i.sort(dim=1)
     return v.gather(1, order), i
 
@@ -314,46 +323,37 @@ def _ranked(v: torch.Tensor, i: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
     return v[:, :k], i.gather(1, order)[:, :k]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# random sampling over an unbounded window
-
-
-def _sample(
-    plan: _Plan,
-    q0: int,
-    q1: int,
-    qn: torch.Tensor,
-    hi: torch.Tensor | None,
-    lo: float | None,
-    edge: tuple[torch.Tensor, torch.Tensor] | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """M candidates ranked after ``edge`` (score, id) with the smallest keys (qt, M), by score; ``-inf`` pads."""
-    c_total, m = plan.corpus.shape[0], plan.m
-    v = qn.new_full((q1 - q0, m), -math.inf)
-    i = torch.full((q1 - q0, m), -1, dtype=torch.int64, device=qn.device)
-    keys = torch.full((q1 - q0, m), _NONE, dtype=torch.int64, device=qn.device)
-    for c0 in range(0, c_total, plan.corpus_chunk):
-        c1 = min(c0 + plan.corpus_chunk, c_total)
-        s = _scores(plan, q0, qn, c0, c1, hi, lo)  # (qt, ct)
-        ids = torch.arange(c0, c1, device=s.device).expand_as(s)  # (qt, ct)
-        out = s == -math.inf
-        if edge is not None:  # ranked at or before the edge: (score, -id) >= (edge score, -edge id)
-            ev, ei = edge
-            out |= (s > ev) | ((s == ev) & (ids <= ei))
-        tk = _keys(plan, q0, q1, ids).masked_fill(out, _NONE)  # (qt, ct)
-        take = min(m, c1 - c0)
-        tk, j = tk.topk(take, dim=1, largest=False)
-        both = torch.cat([keys, tk], 1)  # (qt, M + take)
-        keys, j2 = both.topk(m, dim=1, largest=False)
-        v = torch.cat([v, s.gather(1, j)], 1).gather(1, j2)
-        i = torch.cat([i, j + c0], 1).gather(1, j2)
-    v = v.masked_fill(keys == _NONE, -math.inf)
-    return _ranked(*_by_id(v, i), m)
-
-
 def _by_id(v: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     i, order = i.sort(dim=1)
     return v.gather(1, order), i
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# "random" over an unbounded window: the M smallest random keys
+
+
+def _sample(
+    plan: _Plan, qn: torch.Tensor, hi: torch.Tensor | None, edge: tuple[torch.Tensor, torch.Tensor] | None, bar: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """M candidates ranked after ``edge`` (score, id) with the smallest keys (Q, M); ``-inf`` pads."""
+    q_total, m = qn.shape[0], plan.m
+    v = qn.new_full((q_total, m), -math.inf)
+    i = torch.full((q_total, m), -1, dtype=torch.int64, device=qn.device)
+    keys = torch.full((q_total, m), _NONE, dtype=torch.int64, device=qn.device)
+    for q0, q1, c0, c1, cn in _tiles(plan, qn, bar):
+        s = _scores(plan, qn, q0, q1, cn, c0, hi)  # (qt, ct)
+        ids = torch.arange(c0, c1, device=s.device).expand_as(s)  # (qt, ct)
+        out = s == -math.inf
+        if edge is not None:  # ranked at or before the edge: (score, -id) >= (edge score, -edge id)
+            ev, ei = edge[0][q0:q1], edge[1][q0:q1]
+            out |= (s > ev) | ((s == ev) & (ids <= ei))
+        tk, j = _keys(plan, q0, q1, ids).masked_fill_(out, _NONE).topk(min(m, c1 - c0), dim=1, largest=False)
+        both, j2 = torch.cat([keys[q0:q1], tk], 1).topk(m, dim=1, largest=False)  # (qt, M)
+        keys[q0:q1] = both
+        v[q0:q1] = torch.cat([v[q0:q1], s.gather(1, j)], 1).gather(1, j2)
+        i[q0:q1] = torch.cat([i[q0:q1], j + c0], 1).gather(1, j2)
+    v = v.masked_fill(keys == _NONE, -math.inf)
+    return _ranked(*_by_id(v, i), m)
 
 
 def _keys(plan: _Plan, q0: int, q1: int, ids: torch.Tensor) -> torch.Tensor:
@@ -362,7 +362,7 @@ def _keys(plan: _Plan, q0: int, q1: int, ids: torch.Tensor) -> torch.Tensor:
     z = (q * plan.corpus.shape[0] + ids + 1) * _GAMMA + plan.seed  # (qt, W)
     z = (z ^ _shr(z, 30)) * _MIX1
     z = (z ^ _shr(z, 27)) * _MIX2
-    return _shr(z ^ _shr(z, 31), 1)  # the top 63 bits: never _NONE's 2^63 - 1 ... nor negative
+    return _shr(z ^ _shr(z, 31), 1)  # 63 bits: never negative, never _NONE but with probability 2^-63
 
 
 def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
@@ -375,29 +375,33 @@ def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _index_candidates(
-    plan: _Plan, q0: int, q1: int, qn: torch.Tensor, hi: torch.Tensor | None, lo: float | None, index: Any
+    plan: _Plan, qn: torch.Tensor, hi: torch.Tensor | None, index: Any, bar: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The index's candidates of queries ``q0:q1``, rescored exactly, filtered, ranked (qt, K)."""
+    """The index's candidates (Q, K), rescored exactly, filtered, ranked."""
     m, b = plan.m, plan.banned.shape[1]
     if plan.range_max is not None:
         window = plan.range_max
     else:  # sentence-transformers' rule
         window = plan.range_min + m * (10 if plan.margins or plan.max_score is not None else 1)
     k = min(window + b, int(index.ntotal))
-    found = qn.detach().to("cpu", torch.float32).contiguous().numpy()
-    _, raw = index.search(found, k)
-    i = torch.from_numpy(raw).to(device=qn.device, dtype=torch.int64)  # (qt, k), -1 where the index has fewer
-    rows = plan.sim.normalize(plan.corpus[i.clamp_min(0)].to(plan.work))  # (qt, k, d)
-    v = plan.sim.rows(qn, rows)  # (qt, k)
-    banned = plan.banned[q0:q1]
-    drop = (i < 0) | (i[:, :, None] == banned[:, None, :]).any(-1)  # (qt, k)
-    if hi is not None:
-        drop |= v > hi[:, None]
-    if lo is not None:
-        drop |= v < lo
-    v = v.masked_fill(drop, -math.inf)
-    v, i = _ranked(*_by_id(v, i), k)
-    return v, i
+    vs, is_ = [], []
+    for q0 in range(0, qn.shape[0], plan.query_chunk):
+        q1 = min(q0 + plan.query_chunk, qn.shape[0])
+        _, raw = index.search(qn[q0:q1].to("cpu", torch.float32).contiguous().numpy(), k)
+        i = torch.from_numpy(raw).to(device=qn.device, dtype=torch.int64)  # (qt, k), -1 where the index has fewer
+        rows = plan.sim.normalize(plan.corpus[i.clamp_min(0)].to(plan.work))  # (qt, k, d)
+        v = plan.sim.rows(qn[q0:q1], rows)  # (qt, k) exact scores
+        drop = (i < 0) | (i[:, :, None] == plan.banned[q0:q1, None, :]).any(-1)  # (qt, k)
+        if hi is not None:
+            drop |= v > hi[q0:q1, None]
+        if plan.min_score is not None:
+            drop |= v < plan.min_score
+        v, i = _ranked(*_by_id(v.masked_fill(drop, -math.inf), i), k)
+        vs.append(v)
+        is_.append(i)
+        if bar is not None:
+            bar.update(q1 - q0)
+    return torch.cat(vs), torch.cat(is_)
 
 
 def _check_index(index: Any, plan: _Plan) -> None:

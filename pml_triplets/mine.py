@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -23,13 +23,12 @@ from ._validation import _floating, _shape, _tensor
 
 __all__ = ["MinedNegatives", "mine_negatives"]
 
+_LAST = torch.iinfo(torch.int64).max  # the id of a missing candidate while the window is put in id order
+
 Sampling = Literal["top", "random"]
 
 _TILE_ELEMENTS = 1 << 22  # scores of one (query tile, corpus tile) block: 16 MB in float32
 _QUERY_TILE = 1024
-_NONE = torch.iinfo(torch.int64).max  # the random key of a candidate outside the window
-# splitmix64's constants as signed int64 (torch's int64 arithmetic wraps as unsigned arithmetic would)
-_GAMMA, _MIX1, _MIX2 = (c - (1 << 64) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
 
 
 class MinedNegatives(NamedTuple):
@@ -62,7 +61,7 @@ class _Plan:
     absolute_margin: float | None
     relative_margin: float | None
     sampling: Sampling
-    seed: int
+    draws: torch.Tensor | None  # (M, Q) uniform in [0, 1), float64: the random draws' only randomness
     sim: Similarity
     work: torch.dtype
     query_chunk: int
@@ -110,10 +109,11 @@ def mine_negatives(
     ``min(M, window size)`` of it, listed hardest first. A query without any positive id (all ``-1``) has no
     margin threshold: the margins drop nothing for it.
 
-    ``"random"`` never materializes the window: every (query, corpus item) pair gets a pseudo-random key from a
-    counter-based hash (splitmix64) of a seed and the pair's indices, and the ``M`` candidates of the window with the
-    smallest keys are kept by a running top-k, as the scores are -- a uniformly random subset, the same whatever the
-    tiles or the device. The seed is one draw from ``generator`` (torch's global generator when ``None``).
+    ``"random"`` never materializes the window: a first pass over the corpus counts each query's window members
+    ``n``, Floyd's algorithm picks ``M`` distinct positions in ``[0, n)`` uniformly from ``M·Q`` draws of
+    ``generator`` (torch's global generator when ``None``; always ``M·Q`` draws), and a second pass finds the members
+    at those positions, counted in corpus order -- a uniformly random subset, the same whatever the tiles, and the
+    same for any ``range_max`` that holds the whole window.
 
     Memory: tiles of ``query_chunk × corpus_chunk`` scores (about 4 M by default; 16 MB in float32) and a running
     top-``(range_min + M)`` per query (``range_max`` for ``"random"`` with a ``range_max``): ``O(Q·(range_min + M)
@@ -182,7 +182,9 @@ def _mine(plan: _Plan, index: Any, progress: bool) -> tuple[torch.Tensor, torch.
     """``(ids, scores)`` (Q, M), hardest first, ``-1`` / ``-inf`` where missing."""
     qn = plan.sim.normalize(plan.queries.to(plan.work))  # (Q, d) once: every corpus tile meets every query
     hi = _bounds(plan, qn)
-    passes = 2 if plan.sampling == "random" and plan.range_max is None and plan.range_min > 0 else 1
+    passes = 1
+    if plan.sampling == "random" and plan.range_max is None:
+        passes = 3 if plan.range_min > 0 else 2
     bar = _bar(passes * (qn.shape[0] if index is not None else plan.corpus.shape[0])) if progress else None
     if index is not None:
         v, i = _index_candidates(plan, qn, hi, index, bar)  # (Q, K) ranked
@@ -195,11 +197,14 @@ def _mine(plan: _Plan, index: Any, progress: bool) -> tuple[torch.Tensor, torch.
         v, i = _top(plan, qn, hi, plan.range_max, bar)
         out = _finish(plan, v[:, plan.range_min :], i[:, plan.range_min :])
     else:
-        edge = None
-        if plan.range_min > 0:  # the range_min-th candidate: the window is everything ranked after it
+        if plan.range_min > 0:  # the window is every candidate ranked after the range_min-th, the edge
             v, i = _top(plan, qn, hi, plan.range_min, bar)
-            edge = (v[:, -1:], i[:, -1:])
-        out = _finish(plan, *_sample(plan, qn, hi, edge, bar))
+            edge = v[:, -1:]  # (Q, 1) ranked after it: scoring below it, or as much with a higher id
+            cap = edge[:, 0] if hi is None else torch.minimum(hi, edge[:, 0])  # drop what scores above the edge
+            level = i.masked_fill(v != edge, -1)  # (Q, range_min) ... and the first range_min at its score
+            plan, hi = replace(plan, banned=torch.cat([plan.banned, level], 1)), cap
+        v, i = _sample(plan, qn, hi, bar)
+        out = i.masked_fill(v == -math.inf, -1), v
     if bar is not None:
         bar.close()
     return out
@@ -230,10 +235,12 @@ def _tiles(plan: _Plan, qn: torch.Tensor, bar: Any) -> Iterator[tuple[int, int, 
 def _finish(plan: _Plan, v: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The window ``(v, i)`` (Q, W), ranked: its first M, or M of it at random; then hardest first."""
     if plan.sampling == "random":
-        keys = _keys(plan, 0, v.shape[0], i).masked_fill(v == -math.inf, _NONE)  # (Q, W)
-        take = min(plan.m, keys.shape[1])
-        _, j = keys.topk(take, dim=1, largest=False)  # (Q, take)
-        v, i = _ranked(*_by_id(v.gather(1, j), i.gather(1, j)), take)
+        assert plan.draws is not None
+        v, i = _by_id(v, i.masked_fill(v == -math.inf, _LAST))  # (Q, W) the window in id order, then the missing
+        picks = _subset(plan.draws, (v > -math.inf).sum(1))  # (Q, M) positions in that order
+        take = picks.clamp(0, v.shape[1] - 1)
+        v = v.gather(1, take).masked_fill(picks < 0, -math.inf)
+        v, i = _ranked(v, i.gather(1, take), plan.m)
     v, i = v[:, : plan.m], i[:, : plan.m]
     i = i.masked_fill(v == -math.inf, -1)
     if v.shape[1] < plan.m:  # a window narrower than M (an index that returned fewer)
@@ -329,45 +336,50 @@ def _by_id(v: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# "random" over an unbounded window: the M smallest random keys
+# "random" over an unbounded window: count its members, pick M positions, find them
 
 
-def _sample(
-    plan: _Plan, qn: torch.Tensor, hi: torch.Tensor | None, edge: tuple[torch.Tensor, torch.Tensor] | None, bar: Any
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """M candidates ranked after ``edge`` (score, id) with the smallest keys (Q, M); ``-inf`` pads."""
-    q_total, m = qn.shape[0], plan.m
-    v = qn.new_full((q_total, m), -math.inf)
-    i = torch.full((q_total, m), -1, dtype=torch.int64, device=qn.device)
-    keys = torch.full((q_total, m), _NONE, dtype=torch.int64, device=qn.device)
-    for q0, q1, c0, c1, cn in _tiles(plan, qn, bar):
+def _sample(plan: _Plan, qn: torch.Tensor, hi: torch.Tensor | None, bar: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """M of each query's candidates at random (Q, M), hardest first; ``-inf`` / ``-1`` pad.
+
+    Two passes: the first counts the window members ``n`` of each query; ``_subset`` picks M distinct positions in
+    ``[0, n)``; the second finds the members at those positions, counting them in corpus order.
+    """
+    assert plan.draws is not None
+    q_total = qn.shape[0]
+    n = torch.zeros(q_total, dtype=torch.int64, device=qn.device)
+    for q0, q1, c0, _, cn in _tiles(plan, qn, bar):
+        n[q0:q1] += torch.count_nonzero(_scores(plan, qn, q0, q1, cn, c0, hi) > -math.inf, dim=1)
+    picks = _subset(plan.draws, n)  # (Q, M)
+    v = qn.new_full((q_total, plan.m), -math.inf)
+    i = torch.full((q_total, plan.m), -1, dtype=torch.int64, device=qn.device)
+    before = torch.zeros(q_total, dtype=torch.int64, device=qn.device)  # members in the earlier corpus tiles
+    for q0, q1, c0, _, cn in _tiles(plan, qn, bar):
         s = _scores(plan, qn, q0, q1, cn, c0, hi)  # (qt, ct)
-        ids = torch.arange(c0, c1, device=s.device).expand_as(s)  # (qt, ct)
-        out = s == -math.inf
-        if edge is not None:  # ranked at or before the edge: (score, -id) >= (edge score, -edge id)
-            ev, ei = edge[0][q0:q1], edge[1][q0:q1]
-            out |= (s > ev) | ((s == ev) & (ids <= ei))
-        tk, j = _keys(plan, q0, q1, ids).masked_fill_(out, _NONE).topk(min(m, c1 - c0), dim=1, largest=False)
-        both, j2 = torch.cat([keys[q0:q1], tk], 1).topk(m, dim=1, largest=False)  # (qt, M)
-        keys[q0:q1] = both
-        v[q0:q1] = torch.cat([v[q0:q1], s.gather(1, j)], 1).gather(1, j2)
-        i[q0:q1] = torch.cat([i[q0:q1], j + c0], 1).gather(1, j2)
-    v = v.masked_fill(keys == _NONE, -math.inf)
-    return _ranked(*_by_id(v, i), m)
+        rank = (s > -math.inf).cumsum(1, dtype=torch.int32)  # (qt, ct): members up to each column
+        want = picks[q0:q1] - before[q0:q1, None]  # (qt, M) positions within this tile
+        here = (picks[q0:q1] >= 0) & (want >= 0) & (want < rank[:, -1:])
+        col = torch.searchsorted(rank, (want + 1).to(torch.int32)).clamp_max(s.shape[1] - 1)  # the member's column
+        v[q0:q1] = torch.where(here, s.gather(1, col), v[q0:q1])
+        i[q0:q1] = torch.where(here, col + c0, i[q0:q1])
+        before[q0:q1] += rank[:, -1]
+    return _ranked(v, i, plan.m)
 
 
-def _keys(plan: _Plan, q0: int, q1: int, ids: torch.Tensor) -> torch.Tensor:
-    """splitmix64 of (seed, query index, corpus id): a non-negative int64 key per pair, the same on any tiling."""
-    q = torch.arange(q0, q1, device=ids.device)[:, None]  # (qt, 1)
-    z = (q * plan.corpus.shape[0] + ids + 1) * _GAMMA + plan.seed  # (qt, W)
-    z = (z ^ _shr(z, 30)) * _MIX1
-    z = (z ^ _shr(z, 27)) * _MIX2
-    return _shr(z ^ _shr(z, 31), 1)  # 63 bits: never negative, never _NONE but with probability 2^-63
+def _subset(draws: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """M distinct positions in ``[0, n)`` per row (Q, M), uniformly: Floyd's algorithm, ``draws`` (M, Q) in [0, 1).
 
-
-def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
-    return (z >> bits) & ((1 << (64 - bits)) - 1)
+    Where ``n <= M``: all ``n`` positions, then -1.
+    """
+    m = draws.shape[0]
+    picks = torch.full((n.shape[0], m), -1, dtype=torch.int64, device=n.device)
+    for t in range(m):  # j = n - M + t; take r uniform in [0, j], or j itself when r was taken
+        j = n - m + t
+        r = (draws[t] * (j + 1).to(draws.dtype)).long().clamp_max(j)
+        picks[:, t] = torch.where((picks[:, :t] == r[:, None]).any(1), j, r)
+    everything = torch.arange(m, device=n.device).expand_as(picks)
+    picks = torch.where((n <= m)[:, None], everything.masked_fill(everything >= n[:, None], -1), picks)
+    return picks.sort(dim=1).values  # ascending: the members come in id order, as ties are ranked
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -486,14 +498,14 @@ def _check(
         raise ValueError(f"`{name}` holds NaN or infinite values")
     qc = qc or min(n, _QUERY_TILE)
     cc = cc or max(1, min(size, _TILE_ELEMENTS // qc))
-    seed = 0
+    draws = None
     if sampling == "random":
         device = generator.device if generator is not None else torch.device("cpu")
-        seed = int(torch.randint(-(1 << 62), 1 << 62, (), generator=generator, device=device))
+        draws = torch.rand(m, n, generator=generator, dtype=torch.float64, device=device).to(q.device)
     work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     sim = Similarity.of(None if loss_fn is None else loss_fn.distance)
     return _Plan(q, c, m, pid, torch.cat([pid, eid], 1), lo_rank, hi_rank, bounds["max_score"],
-                 bounds["min_score"], bounds["absolute_margin"], bounds["relative_margin"], sampling, seed,
+                 bounds["min_score"], bounds["absolute_margin"], bounds["relative_margin"], sampling, draws,
                  sim, work, qc, cc)  # fmt: skip
 
 

@@ -205,14 +205,27 @@ def test_a_query_without_positive_ids_has_no_margin() -> None:
 @pytest.mark.parametrize("corpus_chunk", [1, 2, 3, 4, 6, 64])
 def test_ties_go_to_the_lower_corpus_id(corpus_chunk: int) -> None:
     corpus = torch.eye(8)[[1, 0, 0, 2, 0, 3, 0, 0, 4, 0]]  # items 1, 2, 4, 6, 7, 9 equal e0; the rest orthogonal
-    queries = torch.eye(8)[:1]  # e0: the six copies tie at score 1
-    mined = pt.mine_negatives(queries, corpus, 5, positive_ids=torch.tensor([2]), corpus_chunk=corpus_chunk)
-    assert mined.ids.tolist() == [[1, 4, 6, 7, 9]]  # of the five copies left: ranked by id, cut by id
-    assert mined.scores.tolist() == [[1.0] * 5]
-    mined = pt.mine_negatives(
-        queries, corpus, 3, positive_ids=torch.tensor([2]), range_min=1, corpus_chunk=corpus_chunk
-    )
+    queries, pos = torch.eye(8)[:1], torch.tensor([2])  # e0: the five copies left tie at score 1
+    mined = pt.mine_negatives(queries, corpus, 3, positive_ids=pos, corpus_chunk=corpus_chunk)
+    assert mined.ids.tolist() == [[1, 4, 6]]  # the cut falls inside the tie: by id
+    assert mined.scores.tolist() == [[1.0] * 3]
+    mined = pt.mine_negatives(queries, corpus, 3, positive_ids=pos, range_min=1, corpus_chunk=corpus_chunk)
     assert mined.ids.tolist() == [[4, 6, 7]]
+    mined = pt.mine_negatives(queries, corpus, 7, positive_ids=pos, corpus_chunk=corpus_chunk)
+    assert mined.ids.tolist() == [[1, 4, 6, 7, 9, 0, 3]]
+
+
+@pytest.mark.parametrize("corpus_chunk", [1, 3, 64])
+def test_random_skips_the_first_of_equal_scores_by_id(corpus_chunk: int) -> None:
+    corpus = torch.eye(8)[[1, 0, 0, 2, 0, 3, 0, 0, 4, 0]]
+    queries, pos = torch.eye(8)[:1], torch.tensor([2])
+    seen: set[int] = set()
+    for seed in range(100):
+        g = torch.Generator().manual_seed(seed)
+        mined = pt.mine_negatives(queries, corpus, 2, positive_ids=pos, range_min=2, sampling="random",
+                                  generator=g, corpus_chunk=corpus_chunk)  # fmt: skip
+        seen.update(mined.ids[0].tolist())
+    assert seen == {6, 7, 9, 0, 3, 5, 8}  # copies 1 and 4 are the two skipped: every other item is reachable
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -328,6 +328,17 @@ def test_the_result_plugs_into_the_loss() -> None:
     assert loss.item() == pytest.approx(sum(terms) / Q, rel=1e-12)
 
 
+def test_inputs_that_need_a_gradient_are_read_not_changed() -> None:
+    x = data(16)
+    queries = x.pop("queries").requires_grad_()
+    before = (queries.detach().clone(), x["corpus"].clone(), x["positive_ids"].clone())
+    mined = pt.mine_negatives(queries, num_negatives=M, relative_margin=0.0, **x)
+    assert not mined.scores.requires_grad
+    assert torch.equal(mined.ids, top(window(queries.detach(), **x, relative_margin=0.0)))
+    for old, new in zip(before, (queries.detach(), x["corpus"], x["positive_ids"]), strict=True):
+        assert torch.equal(old, new)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # bad input: a clear error before any work
 # ---------------------------------------------------------------------------------------------------------------
@@ -452,6 +463,18 @@ def test_an_exact_index_gives_the_exact_ids_when_its_window_covers_the_corpus(op
     via_index = pt.mine_negatives(num_negatives=M, index=index, **x, **options)
     assert torch.equal(via_index.ids, top(window(**x, **options)))
     assert torch.equal(via_index.ids, pt.mine_negatives(num_negatives=M, **x, **options).ids)
+
+
+@pytest.mark.skipif(not FAISS, reason="faiss-cpu is in the faiss and dev extras")
+def test_an_exact_index_draws_what_exact_search_draws() -> None:
+    import faiss
+
+    x = data(15)
+    index = faiss.IndexFlatIP(D)
+    index.add(torch.nn.functional.normalize(x["corpus"]).numpy())
+    options = {"range_min": 3, "range_max": C, "relative_margin": 0.1}
+    assert torch.equal(draw(x, 5, index=index, **options).ids, draw(x, 5, **options).ids)
+    assert torch.equal(draw(x, 5, index=index, **options).ids, draw(x, 5, range_min=3, relative_margin=0.1).ids)
 
 
 @pytest.mark.skipif(not FAISS, reason="faiss-cpu is in the faiss and dev extras")

@@ -3,8 +3,23 @@
 For each query, the negatives are the corpus items most similar to it (the loss's similarity: cosine by default)
 that survive the filters, after skipping the ``range_min`` hardest survivors -- sentence-transformers 6.2
 ``util.mine_hard_negatives``' conventions on embeddings instead of texts. The search is exact and tiled as FAISS's
-``IndexFlatIP`` blocks it: query tiles × corpus tiles, the filters applied inside each tile before a running top-k
+``IndexFlatIP`` blocks it: corpus tiles × query tiles, the filters applied inside each tile before a running top-k
 per query, so nothing is lost and the ``(Q, C)`` score matrix never exists (memory linear in ``Q + C``).
+
+Where it differs from sentence-transformers' miner (``docs/how-to/mine-negatives.md`` has the table; the slow test
+in ``tests/test_mine.py`` runs theirs on the same embeddings):
+
+* inputs are embeddings and corpus indices: nothing is deduplicated or embedded; ``exclude_ids`` is new;
+* ``range_max`` counts candidates that survive the filters, and ``None`` is the whole corpus; theirs counts raw
+  ranks (``range_max + max_positives`` nearest items, filtered afterwards; without one, ``range_min + 10·M +
+  max_positives`` with a margin or ``max_score``, else ``range_min + M + max_positives``), so queries come short.
+  The two agree where their window covers the corpus;
+* equal scores go to the lower corpus id (theirs: ``torch.topk``'s unspecified order);
+* a query with fewer than ``M`` negatives keeps its row, ``-1`` / ``False`` where missing (theirs drops the row in
+  the "n-tuple" format);
+* random draws come from a ``torch.Generator`` and do not depend on tiles (theirs: Python's global ``random``);
+* the score is the loss's similarity (``loss_fn``'s distance); theirs normalizes and uses ``model.similarity``;
+* no cross-encoder rescoring, ``include_positives`` or output formats.
 """
 
 from __future__ import annotations
@@ -23,12 +38,11 @@ from ._validation import _floating, _shape, _tensor
 
 __all__ = ["MinedNegatives", "mine_negatives"]
 
-_LAST = torch.iinfo(torch.int64).max  # the id of a missing candidate while the window is put in id order
-
 Sampling = Literal["top", "random"]
 
 _TILE_ELEMENTS = 1 << 22  # scores of one (query tile, corpus tile) block: 16 MB in float32
 _QUERY_TILE = 1024
+_LAST = torch.iinfo(torch.int64).max  # the id of a missing candidate while the window is put in id order
 
 
 class MinedNegatives(NamedTuple):
@@ -115,16 +129,19 @@ def mine_negatives(
     at those positions, counted in corpus order -- a uniformly random subset, the same whatever the tiles, and the
     same for any ``range_max`` that holds the whole window.
 
-    Memory: tiles of ``query_chunk × corpus_chunk`` scores (about 4 M by default; 16 MB in float32) and a running
-    top-``(range_min + M)`` per query (``range_max`` for ``"random"`` with a ``range_max``): ``O(Q·(range_min + M)
-    + tile)`` beyond the inputs. The inputs stay on their device; float16/bfloat16 inputs are scored in float32.
+    Memory: the queries normalized, one tile of ``query_chunk × corpus_chunk`` scores (about 4 M by default; 16 MB
+    in float32) and a running top-``(range_min + M)`` per query (``range_max`` for ``"random"`` with a
+    ``range_max``): ``O(Q·(d + range_min + M) + tile)`` beyond the inputs, never ``O(Q·C)``. Each corpus row is
+    normalized once per pass. The inputs stay on their device; float16/bfloat16 inputs are scored in float32; no
+    gradient is recorded.
 
     With ``index`` (a FAISS index over the corpus rows normalized as the similarity normalizes them -- unit rows for
     the cosine -- in corpus order), the index is searched for a window of ``range_max + P + E`` candidates per query
     (``P``, ``E``: the widths of ``positive_ids`` and ``exclude_ids``; ``range_max=None``: sentence-transformers' rule,
     ``range_min + 10·M`` with a margin or ``max_score``, else ``range_min + M``), their exact scores are recomputed
     from ``corpus`` and the filters applied: a query whose window holds too few candidates gets fewer negatives
-    (the gap exact search does not have). An approximate index proposes approximate candidates.
+    (the gap exact search does not have); ``"random"`` draws from what survives of that window. An approximate index
+    proposes approximate candidates.
 
     Args:
         queries: ``[Q, d]`` query embeddings.
@@ -141,7 +158,7 @@ def mine_negatives(
         absolute_margin: drop candidates with ``score + absolute_margin > pos``.
         relative_margin: drop candidates with ``score > pos − |pos| · relative_margin``.
         sampling: ``"top"`` (the hardest of the window) or ``"random"`` (uniform over the window).
-        generator: a ``torch.Generator`` for ``"random"`` (one draw); reproducible given its state.
+        generator: a ``torch.Generator`` for ``"random"`` (``M·Q`` draws); reproducible given its state.
         loss_fn: the ``NTXentLoss`` whose distance defines the similarity (its temperature is not used).
         query_chunk: queries per tile; ``None``: automatic.
         corpus_chunk: corpus rows per tile; ``None``: automatic (about 4 M scores per tile).
@@ -154,7 +171,8 @@ def mine_negatives(
         negative_ids=ids)``.
 
     Raises:
-        TypeError: a non-tensor or non-floating embedding, integer ids of another type, an option of the wrong type.
+        TypeError: a non-tensor or non-floating embedding, embeddings of two dtypes, ids that are not integers, an
+            option of the wrong type.
         ValueError: shapes or devices that disagree, ids out of range, ``num_negatives < 1``, a window smaller than
             ``num_negatives``, non-finite embeddings, an index whose size or width differs from the corpus.
 

@@ -271,7 +271,7 @@ def _finish(plan: _Plan, v: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor
 def _bounds(plan: _Plan, qn: torch.Tensor) -> torch.Tensor | None:
     """``hi`` (Q,): a candidate scoring above it is dropped (the margins and ``max_score``)."""
     hi = None
-    if plan.margins:
+    if plan.margins and plan.positive_ids.shape[1]:  # no positive: no margin threshold
         parts = []
         for q0 in range(0, qn.shape[0], plan.query_chunk):
             pid = plan.positive_ids[q0 : q0 + plan.query_chunk]  # (qt, P)
@@ -490,7 +490,7 @@ def _check(
         )
     n, size = q.shape[0], c.shape[0]
     pid = _ids("positive_ids", positive_ids, q, size, f"[Q] or [Q, P] = [{n}] or [{n}, P]", (1, 2))
-    pid = pid.reshape(n, -1)
+    pid = pid if pid.ndim == 2 else pid[:, None]  # (Q, P)
     eid = pid[:, :0]
     if exclude_ids is not None:
         eid = _ids("exclude_ids", exclude_ids, q, size, f"[Q, E] = [{n}, E]", (2,))

@@ -189,6 +189,13 @@ def test_a_single_positive_per_query_may_be_a_vector() -> None:
     assert torch.equal(mined.ids, top(window(**x, absolute_margin=0.05)))
 
 
+def test_no_positive_ids_at_all() -> None:
+    x = data(4)
+    x["positive_ids"] = x["positive_ids"][:, :0]  # [Q, 0]
+    mined = pt.mine_negatives(num_negatives=M, relative_margin=0.0, **x)
+    assert torch.equal(mined.ids, top(window(**x)))
+
+
 def test_a_query_without_positive_ids_has_no_margin() -> None:
     x = data(4)
     x["positive_ids"][3] = -1
@@ -548,3 +555,27 @@ def test_sentence_transformers_miner_agrees_where_its_window_covers_the_corpus(o
     ours = {i: [j for j in row if j >= 0] for i, row in enumerate(mined.ids.tolist()) if row[0] >= 0}
     assert got == ours
     assert mined.ids.ne(-1).any()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "options", [{"range_min": 2}, {"relative_margin": 0.1, "min_score": -0.3}, {"min_score": 0.55}]
+)
+def test_sentence_transformers_random_draws_come_from_the_same_window(options: dict[str, Any]) -> None:
+    pytest.importorskip("datasets", reason="sentence-transformers' miner needs `datasets`")
+    from datasets import Dataset
+    from sentence_transformers.util import mine_hard_negatives
+
+    x = data(17)
+    queries, corpus, pids = x["queries"], x["corpus"], x["positive_ids"][:, 0]
+    table = {f"q{i}": v for i, v in enumerate(queries)} | {f"c{j}": v for j, v in enumerate(corpus)}
+    dataset = Dataset.from_dict({"query": [f"q{i}" for i in range(Q)], "answer": [f"c{j}" for j in pids.tolist()]})
+    windows = window(queries, corpus, pids, **options)
+    for _ in range(5):
+        theirs = mine_hard_negatives(dataset, FixedModel(table), corpus=[f"c{j}" for j in range(C)],  # type: ignore[arg-type]
+                                     num_negatives=M, range_max=C, sampling_strategy="random",
+                                     output_format="labeled-list", verbose=False, **options)  # fmt: skip
+        for query, docs in zip(theirs["query"], theirs["answer"], strict=True):
+            drawn, members = [int(doc[1:]) for doc in docs[1:]], {j for j, _ in windows[int(query[1:])]}
+            assert len(drawn) == min(M, len(members))
+            assert set(drawn) <= members

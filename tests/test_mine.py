@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import torch
 from helpers import CUDA, DEVICES
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pytorch_metric_learning.distances import DotProductSimilarity, LpDistance
 from pytorch_metric_learning.losses import NTXentLoss
 
@@ -30,9 +32,9 @@ def data(seed: int = 0, q: int = Q, c: int = C, d: int = D) -> dict[str, torch.T
     queries, corpus = torch.randn(q, d, generator=g), torch.randn(c, d, generator=g)
     positive_ids = torch.randint(0, c, (q, 3), generator=g)
     positive_ids[0, 1:] = -1  # one positive only: -1 pads
-    positive_ids[1, 2] = -1
+    positive_ids[1:2, 2] = -1
     exclude_ids = torch.randint(0, c, (q, 2), generator=g)
-    exclude_ids[2, 0] = -1
+    exclude_ids[2:3, 0] = -1
     return {"queries": queries, "corpus": corpus, "positive_ids": positive_ids, "exclude_ids": exclude_ids}
 
 
@@ -138,6 +140,31 @@ def test_top_equals_the_reference(options: dict[str, Any], query_chunk: int | No
     assert torch.equal(mined.ids, top(expected))
     assert torch.equal(mined.mask, mined.ids >= 0)
     torch.testing.assert_close(mined.scores, top_scores(expected).float(), rtol=0, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    shape=st.tuples(st.integers(1, 6), st.integers(1, 40), st.integers(1, 4), st.integers(1, 6)),  # Q, C, d, M
+    range_min=st.integers(0, 5),
+    # two decimals: a margin under float32's resolution (1e-12) is rounded away where the inputs' dtype scores
+    margin=st.one_of(st.none(), st.integers(-50, 50).map(lambda v: v / 100)),
+    band=st.tuples(*[st.one_of(st.none(), st.integers(-100, 100).map(lambda v: v / 100))] * 2),
+    tiles=st.tuples(st.integers(1, 7), st.integers(1, 45)),
+)
+def test_any_case_equals_the_reference(
+    seed: int,
+    shape: tuple[int, int, int, int],
+    range_min: int,
+    margin: float | None,
+    band: tuple[float | None, float | None],
+    tiles: tuple[int, int],
+) -> None:
+    q, c, d, m = shape
+    x = data(seed, q, c, d)
+    options = {"range_min": range_min, "relative_margin": margin, "max_score": band[0], "min_score": band[1]}
+    mined = pt.mine_negatives(num_negatives=m, query_chunk=tiles[0], corpus_chunk=tiles[1], **x, **options)
+    assert torch.equal(mined.ids, top(window(**x, **options), m))
 
 
 def test_the_filters_cut_something_and_leave_rows_short() -> None:

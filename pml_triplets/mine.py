@@ -317,10 +317,26 @@ def _top(plan: _Plan, qn: torch.Tensor, hi: torch.Tensor | None, k: int, bar: An
     i = torch.full((qn.shape[0], k), -1, dtype=torch.int64, device=qn.device)
     for q0, q1, c0, c1, cn in _tiles(plan, qn, bar):
         s = _scores(plan, qn, q0, q1, cn, c0, hi)  # (qt, ct)
+        rows = _active(s, v[q0:q1, -1])  # None: every row
+        if rows is not None:
+            if rows.numel() == 0:
+                continue
+            s = s[rows]  # (a, ct)
         tv, ti = _tile_top(s, min(k, c1 - c0))
         # the running list holds lower ids than this tile: a stable sort keeps them first among equal scores
-        v[q0:q1], i[q0:q1] = _ranked(torch.cat([v[q0:q1], tv], 1), torch.cat([i[q0:q1], ti + c0], 1), k)
+        at = slice(q0, q1) if rows is None else rows + q0
+        v[at], i[at] = _ranked(torch.cat([v[at], tv], 1), torch.cat([i[at], ti + c0], 1), k)
     return v, i
+
+
+def _active(s: torch.Tensor, last: torch.Tensor) -> torch.Tensor | None:
+    """The rows of ``s`` (qt, ct) with a score above their running k-th, ``last`` (qt,); ``None`` for most rows.
+
+    An item scoring at most the running k-th cannot enter: equal scores rank by id, and this tile's ids are higher.
+    After the first tiles most rows have none, and a row maximum costs a fraction of a ``topk``.
+    """
+    rows = (s.amax(1) > last).nonzero()[:, 0]
+    return None if rows.numel() * 4 > s.shape[0] * 3 else rows
 
 
 def _tile_top(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .cached import cached_step
 from .indices import build_indices, concat_embeddings, pairing_matrix
 from .loss import DEFAULT_TEMPERATURE, InfoNCE, infonce
+from .mine import MinedNegatives, mine_negatives
 from .ntxent import NTXentLoss, RepeatLayoutWarning
 from .queue import NegativeQueue
 from .reference import reference_infonce
@@ -19,6 +20,7 @@ from .reference import reference_infonce
 __all__ = [
     "DEFAULT_TEMPERATURE",
     "InfoNCE",
+    "MinedNegatives",
     "NTXentLoss",
     "NegativeQueue",
     "RepeatLayoutWarning",
@@ -27,6 +29,7 @@ __all__ = [
     "cached_step",
     "concat_embeddings",
     "infonce",
+    "mine_negatives",
     "pairing_matrix",
     "reference_infonce",
 ]

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ._compat import is_compiling, transformed
+from ._inputs import Temperature
 from ._options import A2A, P2A, P2P, Options
-from ._validation import Temperature, is_compiling, transformed
 
 __all__: list[str] = []  # private module
 
@@ -106,15 +107,7 @@ def chunk_loss(opts: Options, k: int, tau: Temperature, r: Rows, ctx: Context) -
 
     if ctx.pool is not None and k == 1 and opts.plain and ctx.pool_ids is None and ctx.shared is None:
         return _plain_in_batch(logits(sim.block(queries(), ctx.pool)), r, ctx, fill)
-    rows = [r.p] if r.neg is None else [r.p, r.neg]
-    if raw:  # one call for the positives and negatives; a number 1/τ applied to its (C, J) outputs
-        if isinstance(tau, torch.Tensor):
-            own = [x / tau for x in sim.raw_rows(r.a, rows)]
-        else:
-            own = sim.raw_rows(r.a, rows, 1.0 / tau)
-    else:
-        own = [logits(sim.rows(queries(), x)) for x in rows]
-    pos, neg = own[0], own[1] if len(own) > 1 else None  # (C, K), (C, M)
+    pos, neg = group_logits(opts, tau, r, None if raw else queries)  # (C, K), (C, M)
     if neg is not None and ctx.pool is None and ctx.shared is None and r.valid is None and opts.plain:
         return _nll(pos, block_lse(Block(neg, None, None, None), None, None, fill)).reshape(-1)  # the one block
     cand = None if ctx.pool is None else logits(sim.block(queries(), ctx.pool))  # (C, R) the in-batch block's logits
@@ -130,6 +123,28 @@ def chunk_loss(opts: Options, k: int, tau: Temperature, r: Rows, ctx: Context) -
         return torch.stack([_nll(pos, lse) for lse in parts]).mean(0).reshape(-1)
     extra = [pos] if P2A in lses else []  # positive_to_anchor holds the positive pair a second time
     return _nll(pos, _combine([*a2p, *lses.values(), *extra], pos, fill)).reshape(-1)
+
+
+def group_logits(
+    opts: Options, tau: Temperature, r: Rows, queries: Callable[[], torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The logits of each anchor's own group: ``s(a_i, p_ik)/τ`` (C, K) and ``s(a_i, n_im)/τ`` (C, M) or None.
+
+    The seam for a term that needs the group's distribution (a softmax over [positives, negatives], as open_clip's
+    ``get_logits`` serves ``DistillClipLoss``): the same numbers the InfoNCE terms use, before hardness, exclusion
+    (``r.valid`` says which negatives are candidates) and the filter. ``queries``: the anchors as queries (unit
+    rows, divided by τ for a linear similarity), shared with the other blocks; ``None``: ``r`` holds the anchors
+    and rows as given, and the similarity normalizes them on the fly (``sim.fused``), in one call.
+    """
+    sim, rows = opts.similarity, [r.p] if r.neg is None else [r.p, r.neg]
+    if queries is None:  # one call; a number 1/τ scales its (C, J) outputs, a tensor τ divides them
+        if isinstance(tau, torch.Tensor):
+            own = [x / tau for x in sim.raw_rows(r.a, rows)]
+        else:
+            own = sim.raw_rows(r.a, rows, 1.0 / tau)
+    else:  # (a linear similarity's queries hold 1/τ already)
+        own = [sim.rows(queries(), x) if sim.linear else sim.rows(queries(), x) / tau for x in rows]
+    return own[0], own[1] if len(own) > 1 else None
 
 
 def block_lse(block: Block, limit: torch.Tensor | None, hardness: Temperature | None, fill: float) -> torch.Tensor:

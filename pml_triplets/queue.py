@@ -14,13 +14,15 @@ chunks recomputed in the backward pass, too. It costs one copy of the buffers pe
 from __future__ import annotations
 
 import numbers
+from dataclasses import replace
 from typing import Any, cast
 
 import torch
 from torch import nn
 
 from . import _distributed
-from ._validation import is_compiling
+from ._compat import is_compiling
+from ._inputs import Inputs
 
 __all__ = ["NegativeQueue"]
 
@@ -210,6 +212,16 @@ def from_queue(
     if a is not None and a.dtype != rows.dtype:
         rows = rows.to(a.dtype)
     return rows, None if positive_ids is None else ids, mask
+
+
+def with_queue(queue: object, inputs: Inputs, in_batch: bool) -> Inputs:
+    """``inputs`` with ``queue``'s rows as its shared negatives (see ``from_queue``); ``inputs`` without a queue."""
+    if queue is None:
+        return inputs
+    others = inputs.negatives is not None or in_batch
+    shared, ids, mask = from_queue(queue, inputs.shared_negatives, inputs.shared_negative_ids, inputs.positive_ids,
+                                   inputs.anchors, others)  # fmt: skip
+    return replace(inputs, shared_negatives=shared, shared_negative_ids=ids, shared_mask=mask)
 
 
 _EMPTY = (

@@ -9,7 +9,11 @@ Prints, for each configuration:
   or as an element or field of a tuple, list, dict or dataclass, three levels deep), with the carrier it travelled
   in (``Batch.a``, ``tuple[0]``, ...);
 * the *values carried beside the anchors*: at each stop, the other arguments and the other fields of the carriers
-  that hold the anchors, by name (the union over the stops is counted).
+  that hold the anchors, by name (the union over the stops is counted);
+* the *spine*: the stops whose arguments reach the caller's ``negatives`` tensor too (the frames the inputs travel
+  through together, not a helper handed one tensor, nor the fused kernel's own frames), with the module path of
+  those hops (caller module, then the stop's module), its returns to a module already left, and the values beside
+  the anchors at the spine's stops.
 
 Run from the repository root: ``python benchmarks/probe_call_path.py``. It measures whatever ``pml_triplets`` is
 imported (put the checkout on ``PYTHONPATH``), so the same script gives the before and after figures.
@@ -29,6 +33,7 @@ import torch
 import pml_triplets as pt
 
 PACKAGE = str(Path(pt.__file__).parent)
+KERNELS = {"_fused"}  # the fused cosine's autograd Function: computation, not a carrier (left out of the spine)
 
 
 def _module(frame: FrameType) -> str | None:
@@ -59,8 +64,11 @@ def _paths(value: object, target: torch.Tensor, depth: int = 3) -> Iterator[tupl
             yield label + ("." + path if path else ""), [(label, items), *siblings]
 
 
-def probe(call: Callable[[torch.Tensor], object], anchors: torch.Tensor) -> dict[str, Any]:
+def probe(call: Callable[[torch.Tensor], object], anchors: torch.Tensor, negatives: torch.Tensor) -> dict[str, Any]:
     frames: list[str] = []
+    spine: list[str] = []
+    spine_path: list[str] = []
+    spine_beside: set[str] = set()
     modules: list[str] = []  # the module of the innermost pml_triplets frame after each event
     stops: list[tuple[str, list[str]]] = []
     beside: set[str] = set()
@@ -82,11 +90,23 @@ def probe(call: Callable[[torch.Tensor], object], anchors: torch.Tensor) -> dict
             reached = [(name, path, sib) for name, v in args.items() for path, sib in _paths(v, anchors)]
             if reached:
                 stops.append((f"{module}.{code.co_name}", [name + ("." + p if p else "") for name, p, _ in reached]))
+                together = module not in KERNELS and any(True for v in args.values() for _ in _paths(v, negatives))
+                found: set[str] = set()
                 for name, _, siblings in reached:
-                    beside.update(f"{module}.{code.co_name}:{other}" for other in args if other != name)
+                    found.update(f"{module}.{code.co_name}:{other}" for other in args if other != name)
                     for label, items in siblings:
                         carriers.add(label.split("[")[0].split(".")[0])
-                        beside.update(f"{label.split('.')[0].split('[')[0]}:{i}" for i, _ in items if i != label)
+                        found.update(f"{label.split('.')[0].split('[')[0]}:{i}" for i, _ in items if i != label)
+                beside.update(found)
+                if together:
+                    spine.append(f"{module}.{code.co_name}")
+                    spine_beside.update(found)
+                    caller = frame.f_back
+                    while caller is not None and _module(caller) is None and caller.f_back is not None:
+                        caller = caller.f_back
+                    for hop in (_module(caller) if caller is not None else None, module):
+                        if hop is not None and (not spine_path or spine_path[-1] != hop):
+                            spine_path.append(hop)
         else:
             caller = frame.f_back
             while caller is not None and _module(caller) is None:
@@ -104,7 +124,12 @@ def probe(call: Callable[[torch.Tensor], object], anchors: torch.Tensor) -> dict
         sys.setprofile(None)
     # de-duplicate the values beside the anchors by their bare name (an argument, or a carrier's field)
     names = {v.split(":", 1)[1].split(".")[-1].split("[")[0] for v in beside}
+    spine_names = {v.split(":", 1)[1].split(".")[-1].split("[")[0] for v in spine_beside}
     return {
+        "spine": spine,
+        "spine_path": spine_path,
+        "spine_returns": _returns(spine_path),
+        "spine_beside": sorted(spine_names),
         "frames": frames,
         "modules": modules,
         "changes": len(modules) - 1,
@@ -128,6 +153,12 @@ def _returns(modules: list[str]) -> int:
 
 def report(title: str, out: dict[str, Any]) -> None:
     print(f"## {title}\n")
+    print(f"* spine (stops reaching `anchors` and `negatives`): {len(out['spine'])} frames in "
+          f"{len(set(out['spine_path']))} modules, {out['spine_returns']} returns to a module already left; "
+          f"{len(out['spine_beside'])} values beside `anchors`")  # fmt: skip
+    print(f"    - frames: {', '.join(out['spine'])}")
+    print(f"    - path: {' > '.join(out['spine_path'])}")
+    print(f"    - beside: {', '.join(out['spine_beside'])}")
     print(f"* frames in pml_triplets: {len(out['frames'])}; module changes: {out['changes']}; "
           f"returns to a module already left: {out['returns']}")  # fmt: skip
     print(f"* module path: {' > '.join(out['modules'])}")
@@ -144,9 +175,9 @@ def main() -> None:
     torch.manual_seed(0)
     a, p, n = torch.randn(8, 16), torch.randn(8, 16), torch.randn(8, 4, 16)
     pt.infonce(a, p, n)  # warm: the options memo, lazy imports
-    report("pt.infonce(a, p, n)", probe(lambda x: pt.infonce(x, p, n), a))
+    report("pt.infonce(a, p, n)", probe(lambda x: pt.infonce(x, p, n), a, n))
     pt.infonce(a, p, n, in_batch=True)
-    report("pt.infonce(a, p, n, in_batch=True)", probe(lambda x: pt.infonce(x, p, n, in_batch=True), a))
+    report("pt.infonce(a, p, n, in_batch=True)", probe(lambda x: pt.infonce(x, p, n, in_batch=True), a, n))
 
 
 if __name__ == "__main__":

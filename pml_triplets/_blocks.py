@@ -42,20 +42,20 @@ _HARDENED = {"own": ("own", "all"), "in_batch": ("in_batch", "all"), "shared": (
 class Rows:
     """One chunk of C anchors and what belongs to them; every field is split along dim 0."""
 
-    a: torch.Tensor  # (C, d)
-    p: torch.Tensor  # (C, K, d)
-    neg: torch.Tensor | None  # (C, M, d)
+    anchors: torch.Tensor  # (C, d)
+    positives: torch.Tensor  # (C, K, d)
+    negatives: torch.Tensor | None  # (C, M, d)
     valid: torch.Tensor | None  # (C, M) the mask minus id clashes with the anchor's own positives
     rows: torch.Tensor  # (C,) global row of each anchor (its index among every rank's rows)
     own: torch.Tensor | None  # (C, K + M) pool columns of the anchor's own row (in-batch only)
-    pid: torch.Tensor | None  # (C, K)
+    positive_ids: torch.Tensor | None  # (C, K)
     ga: torch.Tensor | None  # (C, g) guide embeddings, unit rows, for false-negative filtering
     gp: torch.Tensor | None  # (C, K, g)
     gn: torch.Tensor | None  # (C, M, g)
 
     def split(self, size: int) -> list[Rows]:
         values = [getattr(self, f.name) for f in fields(self)]
-        count = -(-self.a.shape[0] // size)
+        count = -(-self.anchors.shape[0] // size)
         parts = [[None] * count if v is None else torch.split(v, size) for v in values]
         return [Rows(*chunk) for chunk in zip(*parts, strict=True)]
 
@@ -89,16 +89,18 @@ class Block:
 def chunk_loss(opts: Options, k: int, tau: Temperature, r: Rows, ctx: Context) -> torch.Tensor:
     """The (C*K,) losses of one chunk's terms, anchor-major."""
     sim = opts.similarity
-    fill = torch.finfo(r.a.dtype).min  # finite: an anchor with no negatives gets loss 0 and zero (not NaN) grads
+    fill = torch.finfo(r.anchors.dtype).min  # finite: an anchor with no negatives gets loss 0 and zero (not NaN) grads
     raw = ctx.pool is None and sim.fused  # anchors and their own rows as given: the similarity normalizes them
     # With a linear similarity, 1/τ is folded into the queries: (C, d) divisions instead of one per logit.
     scale = None if sim.linear else tau
-    qp = r.p / tau if sim.linear and (P2P in opts.directions or P2A in opts.directions) else r.p  # (as queries)
+    qp = (
+        r.positives / tau if sim.linear and (P2P in opts.directions or P2A in opts.directions) else r.positives
+    )  # (as queries)
     memo: list[torch.Tensor] = []
 
     def queries() -> torch.Tensor:  # the anchors as queries, made when a block first compares them (raw: shared)
         if not memo:
-            a = sim.normalize(r.a) if raw else r.a
+            a = sim.normalize(r.anchors) if raw else r.anchors
             memo.append(a / tau if scale is None else a)
         return memo[0]
 
@@ -136,12 +138,12 @@ def group_logits(
     rows, divided by τ for a linear similarity), shared with the other blocks; ``None``: ``r`` holds the anchors
     and rows as given, and the similarity normalizes them on the fly (``sim.fused``), in one call.
     """
-    sim, rows = opts.similarity, [r.p] if r.neg is None else [r.p, r.neg]
+    sim, rows = opts.similarity, [r.positives] if r.negatives is None else [r.positives, r.negatives]
     if queries is None:  # one call; a number 1/τ scales its (C, J) outputs, a tensor τ divides them
         if isinstance(tau, torch.Tensor):
-            own = [x / tau for x in sim.raw_rows(r.a, rows)]
+            own = [x / tau for x in sim.raw_rows(r.anchors, rows)]
         else:
-            own = sim.raw_rows(r.a, rows, 1.0 / tau)
+            own = sim.raw_rows(r.anchors, rows, 1.0 / tau)
     else:  # (a linear similarity's queries hold 1/τ already)
         own = [sim.rows(queries(), x) if sim.linear else sim.rows(queries(), x) / tau for x in rows]
     return own[0], own[1] if len(own) > 1 else None
@@ -220,7 +222,7 @@ def _blocks(
     g_in_batch: torch.Tensor | None,
 ) -> Iterator[tuple[str, Block]]:
     """The chunk's candidate blocks, built one at a time (each is reduced before the next one exists)."""
-    sim, k = opts.similarity, r.p.shape[1]
+    sim, k = opts.similarity, r.positives.shape[1]
     own_guide = opts.false_negative_margin is not None and r.ga is None  # the guide's cosines are the logits
 
     def block(x: torch.Tensor, own: torch.Tensor | None, excluded: torch.Tensor | None, g: torch.Tensor | None
@@ -262,9 +264,9 @@ def same_item(ids: torch.Tensor, positive_ids: torch.Tensor) -> torch.Tensor:
 
 def shared_excluded(r: Rows, ctx: Context) -> torch.Tensor | None:
     """(C, S) bool: shared rows that are not the anchor's negatives (unused, or an id clash), or None for none."""
-    out = None if ctx.shared_unused is None else ctx.shared_unused[None, :].expand(r.a.shape[0], -1)
-    if ctx.shared_ids is not None and r.pid is not None:
-        clash = same_item(ctx.shared_ids[None, :, None], r.pid[:, None, :]).any(-1)  # (C, S)
+    out = None if ctx.shared_unused is None else ctx.shared_unused[None, :].expand(r.anchors.shape[0], -1)
+    if ctx.shared_ids is not None and r.positive_ids is not None:
+        clash = same_item(ctx.shared_ids[None, :, None], r.positive_ids[:, None, :]).any(-1)  # (C, S)
         out = clash if out is None else out | clash
     return out
 
@@ -276,8 +278,8 @@ def pool_excluded(r: Rows, ctx: Context, own_row: bool = True) -> torch.Tensor |
     positives are numerators, its negatives its own block.
     """
     out = None if ctx.pool_excluded is None else ctx.pool_excluded[None, :].expand(r.rows.shape[0], -1)
-    if ctx.pool_ids is not None and r.pid is not None:
-        clash = same_item(ctx.pool_ids[None, :, None], r.pid[:, None, :]).any(-1)  # (C, R)
+    if ctx.pool_ids is not None and r.positive_ids is not None:
+        clash = same_item(ctx.pool_ids[None, :, None], r.positive_ids[:, None, :]).any(-1)  # (C, R)
         out = clash if out is None else out | clash
     if own_row and ctx.pool is not None and r.own is not None:
         mine = torch.zeros(r.rows.shape[0], ctx.pool.shape[0], dtype=torch.bool, device=r.rows.device)

@@ -83,7 +83,9 @@ def own_logits(opts: Options, inputs: Inputs) -> tuple[torch.Tensor, torch.Tenso
     tau, sim = x.temperature, opts.similarity
     rows, ctx = _layout(opts, spec, x)
     raw = ctx.pool is None and sim.fused  # (as chunk_loss: rows as given, normalized on the fly)
-    pos, neg = group_logits(opts, tau, rows, None if raw else lambda: rows.a / tau if sim.linear else rows.a)
+    pos, neg = group_logits(
+        opts, tau, rows, None if raw else lambda: rows.anchors / tau if sim.linear else rows.anchors
+    )
     return pos if neg is None else torch.cat([pos, neg], dim=1), rows.valid
 
 
@@ -96,7 +98,7 @@ def _mapped(opts: Options, tau: Temperature, k: int, rows: Rows, ctx: Context, s
     """
     from torch._higher_order_ops.map import map as hop_map
 
-    count = -(-rows.a.shape[0] // size)
+    count = -(-rows.anchors.shape[0] // size)
     names = [name for name in _ROWS if getattr(rows, name) is not None]
     xs = [_pad(getattr(rows, name), count * size).unflatten(0, (count, size)) for name in names]
     shared = {name: getattr(ctx, name) for name in _CONTEXT if getattr(ctx, name) is not None}
@@ -107,7 +109,7 @@ def _mapped(opts: Options, tau: Temperature, k: int, rows: Rows, ctx: Context, s
         return chunk_loss(options, k, scalars[0], chunk, everything)  # (size*K,)
 
     scalars = [
-        v if isinstance(v, torch.Tensor) else rows.a.new_full((), v)
+        v if isinstance(v, torch.Tensor) else rows.anchors.new_full((), v)
         for v in (tau, opts.hardness_strength, opts.false_negative_margin or 0.0)
     ]
     options = replace(
@@ -116,7 +118,7 @@ def _mapped(opts: Options, tau: Temperature, k: int, rows: Rows, ctx: Context, s
         hardness_strength=scalars[1] if opts.hardness_mode is not None else opts.hardness_strength,  # type: ignore[arg-type]
         false_negative_margin=None if opts.false_negative_margin is None else scalars[2],  # type: ignore[arg-type]
     )
-    total = rows.a.shape[0] * k
+    total = rows.anchors.shape[0] * k
     return cast(torch.Tensor, hop_map(body, xs, *shared.values())).reshape(-1)[:total]  # type: ignore[arg-type]
 
 
@@ -181,7 +183,8 @@ def _layout(opts: Options, spec: Spec, x: Inputs) -> tuple[Rows, Context]:
             neg = torch.where(unused[..., None], neg.new_zeros(()), neg)
         rows_of = partial(_normalize, opts, spec, fused=fused)
         neg = None if neg is None else rows_of(neg)
-        r = Rows(a=rows_of(a), p=rows_of(p), neg=neg, valid=valid, rows=rows, own=None, pid=pid, ga=ga, gp=gp, gn=gn)
+        r = Rows(anchors=rows_of(a), positives=rows_of(p), negatives=neg, valid=valid, rows=rows, own=None,
+                 positive_ids=pid, ga=ga, gp=gp, gn=gn)  # fmt: skip
         return r, ctx
     with_anchors = A2A in opts.directions or P2A in opts.directions
     # (anchors: gathered only for the directions that compare them)
@@ -205,7 +208,9 @@ def _layout(opts: Options, spec: Spec, x: Inputs) -> tuple[Rows, Context]:
     cols = [rows[:, None] * k + torch.arange(k, device=rows.device)]  # (N, K) pool columns of its positives
     cols.append(total * k + rows[:, None] * m + torch.arange(m, device=rows.device))  # (N, M) of its negatives
     own = torch.cat(cols, dim=1)  # (N, K + M)
-    return Rows(a=own_a, p=own_p, neg=own_neg, valid=valid, rows=rows, own=own, pid=pid, ga=ga, gp=gp, gn=gn), ctx
+    r = Rows(anchors=own_a, positives=own_p, negatives=own_neg, valid=valid, rows=rows, own=own, positive_ids=pid,
+             ga=ga, gp=gp, gn=gn)  # fmt: skip
+    return r, ctx
 
 
 def _normalize(opts: Options, spec: Spec, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
@@ -292,8 +297,8 @@ def _with_temperature(loss_fn: NTXentLoss, tau: Temperature) -> NTXentLoss:
 
 def _pml_chunk(loss_fn: NTXentLoss, k: int, r: Rows, ctx: Context) -> torch.Tensor:
     """One chunk through ``loss_fn.compute_loss``: positives, valid own negatives, shared and pool as ``ref_emb``."""
-    c, d, dev = r.a.shape[0], r.a.shape[1], r.a.device
-    refs, a2s, ns, offset = [r.p.reshape(c * k, d)], [], [], c * k
+    c, d, dev = r.anchors.shape[0], r.anchors.shape[1], r.anchors.device
+    refs, a2s, ns, offset = [r.positives.reshape(c * k, d)], [], [], c * k
 
     def add(emb: torch.Tensor, rows: torch.Tensor, col: torch.Tensor) -> None:  # pairs (anchor rows[j], emb[col[j]])
         nonlocal offset
@@ -302,17 +307,17 @@ def _pml_chunk(loss_fn: NTXentLoss, k: int, r: Rows, ctx: Context) -> torch.Tens
         ns.append(offset + col)
         offset += emb.shape[0]
 
-    if r.neg is not None:
-        m = r.neg.shape[1]
+    if r.negatives is not None:
+        m = r.negatives.shape[1]
         if r.valid is None:  # every pair: no data-dependent shapes
             add(
-                r.neg.reshape(c * m, d),
+                r.negatives.reshape(c * m, d),
                 torch.arange(c, device=dev).repeat_interleave(m),
                 torch.arange(c * m, device=dev),
             )
         else:
             rows, col = r.valid.nonzero(as_tuple=True)
-            add(r.neg.reshape(c * m, d), rows, rows * m + col)
+            add(r.negatives.reshape(c * m, d), rows, rows * m + col)
     if ctx.shared is not None:
         s, clash = ctx.shared.shape[0], shared_excluded(r, ctx)
         if clash is None:  # every pair: no data-dependent shapes
@@ -329,6 +334,6 @@ def _pml_chunk(loss_fn: NTXentLoss, k: int, r: Rows, ctx: Context) -> torch.Tens
     ns.append(torch.zeros(2, dtype=torch.long, device=dev))
     a1 = torch.arange(c, device=dev).repeat_interleave(k)
     pairs = (a1, torch.arange(c * k, device=dev), torch.cat(a2s), torch.cat(ns))
-    embeddings = torch.cat([r.a, r.a[:1].detach()])  # (C+1, d)
+    embeddings = torch.cat([r.anchors, r.anchors[:1].detach()])  # (C+1, d)
     out = loss_fn.compute_loss(embeddings, None, pairs, torch.cat(refs), None)
     return cast(torch.Tensor, out["loss"]["losses"])

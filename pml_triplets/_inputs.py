@@ -4,19 +4,18 @@ Every field declares its ``axis`` (``"row"``: dim 0 is the anchors' N, split int
 ``"shared"``: the same for every anchor; ``"none"``: a value, not a tensor of rows), whether it is ``gathered``
 across ranks (``gather_across_devices``) and its ``cast`` (``"work"``: brought to the working dtype, float32 for
 half inputs, when checked; ``"kept"``: as given -- the negatives are cast block by block, masks and ids are not
-floating). Checking (``_validation.prepare``), gathering (``gather``) and casting loop over these declarations:
+floating). Checking and casting (``_validation.prepare``) and gathering (``gather``) loop over these declarations:
 a new input is one field here, one check in ``_validation.py`` and one use where it enters the loss.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
 from . import _distributed
-from ._compat import as_dtype
 
 __all__: list[str] = []  # private module
 
@@ -67,21 +66,7 @@ class Inputs:
 
 FIELDS = fields(Inputs)
 GATHERED = tuple(f for f in FIELDS if f.metadata["gathered"])
-WORK = tuple(f.name for f in FIELDS if f.metadata["cast"] == "work")
-
-
-def cast_work(x: Inputs, work: torch.dtype, **changes: object) -> Inputs:
-    """``x`` with every ``"work"`` field in the working dtype (each part of a tuple field), and ``changes``."""
-    values = {name: _cast(changes.get(name, getattr(x, name)), work) for name in WORK}
-    return replace(x, **{**changes, **values})
-
-
-def _cast(value: object, work: torch.dtype) -> Any:
-    if isinstance(value, torch.Tensor):
-        return as_dtype(value, work)
-    if isinstance(value, tuple):
-        return tuple(None if v is None else as_dtype(v, work) for v in value)
-    return value
+WORK = tuple(f.name for f in FIELDS if f.metadata["cast"] == "work")  # cast by _validation.prepare
 
 
 def gather(x: Inputs, n: int) -> tuple[Inputs, int, int]:

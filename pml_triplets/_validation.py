@@ -11,13 +11,14 @@ import math
 import numbers
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ._compat import is_compiling, transformed
-from ._inputs import Guide, Inputs, Temperature, cast_work
+from ._compat import as_dtype, is_compiling, transformed
+from ._inputs import WORK, Guide, Inputs, Temperature
 
 __all__: list[str] = []  # private module
 
@@ -277,10 +278,14 @@ def prepare(x: Inputs, in_batch: bool, filtering: bool, hardness_mode: str | Non
     work = torch.float32 if spec.dtype in (torch.float16, torch.bfloat16) else spec.dtype
     guide = _check_guide(x.guide, spec, x.positives, filtering, x.shared_negatives is not None, work)
     n, k, pid = spec.n, spec.k, x.positive_ids
-    return spec, cast_work(
-        x, work, positives=x.positives.reshape(n, k, -1), positive_ids=None if pid is None else pid.reshape(n, k),
-        guide=guide,
-    )  # fmt: skip
+    shaped: dict[str, Any] = {"positives": x.positives.reshape(n, k, -1), "guide": guide}  # guide: unit, `work`
+    if pid is not None:
+        shaped["positive_ids"] = pid.reshape(n, k)  # (N, K)
+    for name in WORK:  # each field declared "work": in the working dtype
+        value = shaped.get(name, getattr(x, name))
+        if isinstance(value, torch.Tensor):
+            shaped[name] = as_dtype(value, work)
+    return spec, replace(x, **shaped)
 
 
 def _check_guide(

@@ -129,7 +129,7 @@ def infonce(  # noqa: D417 (the options' descriptions are filled in from _option
     inputs = Inputs(anchors=anchors, positives=positives, negatives=negatives, negatives_mask=negatives_mask,
                     shared_negatives=shared_negatives, positive_ids=positive_ids, negative_ids=negative_ids,
                     shared_negative_ids=shared_negative_ids, guide=guide, temperature=temperature_of(opts))  # fmt: skip
-    return evaluate(opts, with_queue(queue, inputs, in_batch))
+    return evaluate(opts, inputs if queue is None else with_queue(queue, inputs, in_batch))
 
 
 class InfoNCE(nn.Module):
@@ -225,7 +225,7 @@ class InfoNCE(nn.Module):
         inputs = Inputs(anchors=anchors, positives=positives, negatives=negatives, negatives_mask=negatives_mask,
                         shared_negatives=shared_negatives, positive_ids=positive_ids, negative_ids=negative_ids,
                         shared_negative_ids=shared_negative_ids, guide=guide, temperature=self.temperature)  # fmt: skip
-        return evaluate(self.options, with_queue(queue, inputs, self.options.in_batch))
+        return evaluate(self.options, inputs if queue is None else with_queue(queue, inputs, self.options.in_batch))
 
     def extra_repr(self) -> str:
         """The temperature now, whether it is learnable, and every option that differs from its default."""

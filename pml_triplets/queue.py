@@ -215,9 +215,7 @@ def from_queue(
 
 
 def with_queue(queue: object, inputs: Inputs, in_batch: bool) -> Inputs:
-    """``inputs`` with ``queue``'s rows as its shared negatives (see ``from_queue``); ``inputs`` without a queue."""
-    if queue is None:
-        return inputs
+    """``inputs`` with ``queue``'s rows as its shared negatives (see ``from_queue``)."""
     others = inputs.negatives is not None or in_batch
     shared, ids, mask = from_queue(queue, inputs.shared_negatives, inputs.shared_negative_ids, inputs.positive_ids,
                                    inputs.anchors, others)  # fmt: skip

@@ -6,8 +6,8 @@ Prints, for each configuration:
 * the module changes along the path, and the *returns to a module already left* (a module entered again, by a
   call or a return, after the path went elsewhere);
 * the *stops* of the anchors: frames whose arguments reach the caller's ``anchors`` tensor (by identity: directly,
-  or as an element or field of a tuple, list, dict or dataclass, three levels deep), with the carrier it travelled
-  in (``Batch.a``, ``tuple[0]``, ...);
+  or as an element or field of a tuple, list, dict, NamedTuple or dataclass, three levels deep), with the carrier
+  it travelled in (``Batch.a``, ``tuple[0]``, ...);
 * the *values carried beside the anchors*: at each stop, the other arguments and the other fields of the carriers
   that hold the anchors, by name (the union over the stops is counted);
 * the *spine*: the stops whose arguments reach the caller's ``negatives`` tensor too (the frames the inputs travel
@@ -49,7 +49,10 @@ def _paths(value: object, target: torch.Tensor, depth: int = 3) -> Iterator[tupl
     if depth == 0 or isinstance(value, torch.Tensor):
         return
     items: list[tuple[str, object]]
-    if isinstance(value, (tuple, list)):
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a NamedTuple: its fields by name
+        kind = type(value).__name__
+        items = [(f"{kind}.{name}", getattr(value, name)) for name in value._fields]
+    elif isinstance(value, (tuple, list)):
         kind = type(value).__name__
         items = [(f"{kind}[{i}]", v) for i, v in enumerate(value)]
     elif isinstance(value, dict):

@@ -188,14 +188,14 @@ def _layout(opts: Options, spec: Spec, x: Inputs) -> tuple[Rows, Context]:
         return r, ctx
     with_anchors = A2A in opts.directions or P2A in opts.directions
     # (anchors: gathered only for the directions that compare them)
-    pooled = replace(x, anchors=a if with_anchors else cast(torch.Tensor, None), negatives=neg, guide=guide)
+    pooled = x._replace(anchors=a if with_anchors else cast(torch.Tensor, None), negatives=neg, guide=guide)
     everyone, offset, total = pooled, 0, spec.n
     if opts.gather_across_devices and _distributed.world()[1] > 1:
         everyone, offset, total = gather(everyone, spec.n)
         rows = rows + offset
     unused = _unused(everyone.negatives_mask, everyone.positive_ids, everyone.negative_ids, True)  # (T, M)
     if unused is not None and everyone.negatives is not None:  # whatever they hold (inf, NaN) reaches no loss
-        everyone = replace(everyone, negatives=torch.where(unused[..., None], everyone.negatives.new_zeros(()),
+        everyone = everyone._replace(negatives=torch.where(unused[..., None], everyone.negatives.new_zeros(()),
                                                            everyone.negatives))  # fmt: skip
     ctx = _pool(everyone, unused, total, spec, norm, ctx)
     assert ctx.pool is not None

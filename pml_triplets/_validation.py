@@ -11,7 +11,7 @@ import math
 import numbers
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -285,7 +285,7 @@ def prepare(x: Inputs, in_batch: bool, filtering: bool, hardness_mode: str | Non
         value = shaped.get(name, getattr(x, name))
         if isinstance(value, torch.Tensor):
             shaped[name] = as_dtype(value, work)
-    return spec, replace(x, **shaped)
+    return spec, x._replace(**shaped)
 
 
 def _check_guide(

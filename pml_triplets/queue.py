@@ -14,7 +14,6 @@ chunks recomputed in the backward pass, too. It costs one copy of the buffers pe
 from __future__ import annotations
 
 import numbers
-from dataclasses import replace
 from typing import Any, cast
 
 import torch
@@ -219,7 +218,7 @@ def with_queue(queue: object, inputs: Inputs, in_batch: bool) -> Inputs:
     others = inputs.negatives is not None or in_batch
     shared, ids, mask = from_queue(queue, inputs.shared_negatives, inputs.shared_negative_ids, inputs.positive_ids,
                                    inputs.anchors, others)  # fmt: skip
-    return replace(inputs, shared_negatives=shared, shared_negative_ids=ids, shared_mask=mask)
+    return inputs._replace(shared_negatives=shared, shared_negative_ids=ids, shared_mask=mask)
 
 
 _EMPTY = (

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import fields
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -29,21 +30,30 @@ from pml_triplets import _distributed, _engine, _inputs, _options, _similarity, 
 
 
 def test_every_input_declares_its_axis_gathering_and_cast() -> None:
-    for f in fields(_inputs.Inputs):
-        assert f.metadata["axis"] in ("row", "shared", "none"), f.name
-        assert f.metadata["cast"] in ("work", "kept"), f.name
-        assert isinstance(f.metadata["gathered"], bool), f.name
-        assert not f.metadata["gathered"] or f.metadata["axis"] == "row", f"{f.name}: only rows are gathered"
+    assert tuple(_inputs.DECLARED) == _inputs.Inputs._fields
+    for name, declared in _inputs.DECLARED.items():
+        assert declared.axis in ("row", "shared", "none"), name
+        assert declared.cast in ("work", "kept"), name
+        assert not declared.gathered or declared.axis == "row", f"{name}: only rows are gathered"
+
+
+def test_a_field_without_a_declaration_fails_at_import(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Undeclared(NamedTuple):
+        anchors: torch.Tensor
+
+    monkeypatch.setattr(_inputs, "Inputs", Undeclared)
+    with pytest.raises(TypeError, match=r"`Inputs.anchors` has no Declared annotation"):
+        _inputs._declared()
 
 
 def test_the_gathered_inputs_fit_the_distributed_signature() -> None:
-    parts = sum(f.metadata["parts"] for f in _inputs.GATHERED)
+    parts = sum(_inputs.DECLARED[name].parts for name in _inputs.GATHERED)
     assert parts <= _distributed._SLOTS
 
 
 @pytest.mark.parametrize("entry", [pt.infonce, pt.InfoNCE.forward], ids=["infonce", "InfoNCE.forward"])
 def test_every_data_argument_is_a_field(entry: object) -> None:
-    names = {f.name for f in fields(_inputs.Inputs)}
+    names = set(_inputs.Inputs._fields)
     data = set(inspect.signature(pt.InfoNCE.forward).parameters) - {"self", "queue"}  # queue: shared_* fields
     options = set(_options.NAMES)
     arguments = set(inspect.signature(entry).parameters) - {"self", "queue"}  # type: ignore[arg-type]
@@ -74,10 +84,11 @@ def test_gathering_loops_over_the_gathered_fields(monkeypatch: pytest.MonkeyPatc
     assert (offset, total) == (n, 2 * n)
     assert seen == [["anchors", "positives", "negatives", "negatives_mask", "positive_ids", "negative_ids",
                      "guide[0]", "guide[1]", "guide[2]"]]  # fmt: skip
-    for f in _inputs.GATHERED:
-        given, gathered = getattr(x, f.name), getattr(out, f.name)
-        for a, b in zip(*((given, gathered) if f.metadata["parts"] > 1 else ((given,), (gathered,))), strict=True):
-            assert (a is None and b is None) or torch.equal(b, torch.cat([a, a])), f.name
+    for name in _inputs.GATHERED:
+        given, gathered = getattr(x, name), getattr(out, name)
+        multi = _inputs.DECLARED[name].parts > 1
+        for a, b in zip(*((given, gathered) if multi else ((given,), (gathered,))), strict=True):
+            assert (a is None and b is None) or torch.equal(b, torch.cat([a, a])), name
     assert out.shared_negatives is x.shared_negatives  # shared and none: as they were
     assert out.temperature == 0.1
 

@@ -40,7 +40,11 @@ _HARDENED = {"own": ("own", "all"), "in_batch": ("in_batch", "all"), "shared": (
 
 @dataclass(frozen=True)
 class Rows:
-    """One chunk of C anchors and what belongs to them; every field is split along dim 0."""
+    """One chunk of C anchors and what belongs to them; every field is split along dim 0.
+
+    A field named as a per-row field of ``_inputs.Inputs`` that the layout does not derive (``_engine._PASSED``)
+    arrives as the caller gave it (checked, cast): a new per-row input is a field here and its use, no layout code.
+    """
 
     anchors: torch.Tensor  # (C, d)
     positives: torch.Tensor  # (C, K, d)
@@ -54,10 +58,10 @@ class Rows:
     gn: torch.Tensor | None  # (C, M, g)
 
     def split(self, size: int) -> list[Rows]:
-        values = [getattr(self, f.name) for f in fields(self)]
+        names = [f.name for f in fields(self)]
         count = -(-self.anchors.shape[0] // size)
-        parts = [[None] * count if v is None else torch.split(v, size) for v in values]
-        return [Rows(*chunk) for chunk in zip(*parts, strict=True)]
+        parts = [[None] * count if v is None else torch.split(v, size) for v in map(self.__getattribute__, names)]
+        return [Rows(**dict(zip(names, chunk, strict=True))) for chunk in zip(*parts, strict=True)]
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from . import _distributed
 from ._blocks import Context, Rows, chunk_loss, group_logits, pool_excluded, same_item, shared_excluded
 from ._compat import as_dtype, autocast_enabled, is_compiling, transformed
-from ._inputs import Inputs, Temperature, gather
+from ._inputs import DECLARED, Inputs, Temperature, gather
 from ._options import A2A, P2A, P2P, Options
 from ._reduce import check_reducer, reduce
 from ._validation import Spec, prepare
@@ -36,6 +36,9 @@ __all__: list[str] = []  # private module
 _BUDGET = {"cpu": 1 << 25, "cuda": 1 << 27}  # elements of the largest per-chunk intermediate
 _DEFAULT_LOSS = NTXentLoss()  # engine="pml" without a loss_fn; never modified (see _with_temperature)
 _ROWS, _CONTEXT = tuple(f.name for f in fields(Rows)), tuple(f.name for f in fields(Context))
+_DERIVED = ("anchors", "positives", "negatives", "positive_ids")  # Rows fields the layout computes from Inputs'
+# Per-row inputs that a chunk reads as given: the Rows fields named as a row field of Inputs (none yet).
+_PASSED = tuple(name for name in _ROWS if name not in _DERIVED and name in DECLARED and DECLARED[name].axis == "row")
 
 
 def evaluate(opts: Options, inputs: Inputs) -> torch.Tensor:
@@ -177,13 +180,14 @@ def _layout(opts: Options, spec: Spec, x: Inputs) -> tuple[Rows, Context]:
     shared = None if x.shared_negatives is None else norm(x.shared_negatives)
     unused_shared = None if x.shared_mask is None else ~x.shared_mask
     ctx = Context(shared, _unit(x.shared_negatives) if unit else None, x.shared_negative_ids, unused_shared)
+    passed = {name: getattr(x, name) for name in _PASSED}  # this rank's rows, as checked
     if not opts.in_batch:  # what the similarity normalizes itself (fused: anchors and their rows) stays as it is
         unused = _unused(x.negatives_mask, pid, nid, False)  # (N, M) whatever they hold reaches no loss
         if unused is not None and neg is not None:
             neg = torch.where(unused[..., None], neg.new_zeros(()), neg)
         rows_of = partial(_normalize, opts, spec, fused=fused)
         neg = None if neg is None else rows_of(neg)
-        r = Rows(anchors=rows_of(a), positives=rows_of(p), negatives=neg, valid=valid, rows=rows, own=None,
+        r = Rows(**passed, anchors=rows_of(a), positives=rows_of(p), negatives=neg, valid=valid, rows=rows, own=None,
                  positive_ids=pid, ga=ga, gp=gp, gn=gn)  # fmt: skip
         return r, ctx
     with_anchors = A2A in opts.directions or P2A in opts.directions
@@ -208,8 +212,8 @@ def _layout(opts: Options, spec: Spec, x: Inputs) -> tuple[Rows, Context]:
     cols = [rows[:, None] * k + torch.arange(k, device=rows.device)]  # (N, K) pool columns of its positives
     cols.append(total * k + rows[:, None] * m + torch.arange(m, device=rows.device))  # (N, M) of its negatives
     own = torch.cat(cols, dim=1)  # (N, K + M)
-    r = Rows(anchors=own_a, positives=own_p, negatives=own_neg, valid=valid, rows=rows, own=own, positive_ids=pid,
-             ga=ga, gp=gp, gn=gn)  # fmt: skip
+    r = Rows(**passed, anchors=own_a, positives=own_p, negatives=own_neg, valid=valid, rows=rows, own=own,
+             positive_ids=pid, ga=ga, gp=gp, gn=gn)  # fmt: skip
     return r, ctx
 
 

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ._compat import is_compiling, transformed
+from ._inputs import Temperature
 from ._options import A2A, P2A, P2P, Options
-from ._validation import Temperature, is_compiling, transformed
 
 __all__: list[str] = []  # private module
 
@@ -39,24 +40,28 @@ _HARDENED = {"own": ("own", "all"), "in_batch": ("in_batch", "all"), "shared": (
 
 @dataclass(frozen=True)
 class Rows:
-    """One chunk of C anchors and what belongs to them; every field is split along dim 0."""
+    """One chunk of C anchors and what belongs to them; every field is split along dim 0.
 
-    a: torch.Tensor  # (C, d)
-    p: torch.Tensor  # (C, K, d)
-    neg: torch.Tensor | None  # (C, M, d)
+    A field named as a per-row field of ``_inputs.Inputs`` that the layout does not derive (``_engine._PASSED``)
+    arrives as the caller gave it (checked, cast): a new per-row input is a field here and its use, no layout code.
+    """
+
+    anchors: torch.Tensor  # (C, d)
+    positives: torch.Tensor  # (C, K, d)
+    negatives: torch.Tensor | None  # (C, M, d)
     valid: torch.Tensor | None  # (C, M) the mask minus id clashes with the anchor's own positives
     rows: torch.Tensor  # (C,) global row of each anchor (its index among every rank's rows)
     own: torch.Tensor | None  # (C, K + M) pool columns of the anchor's own row (in-batch only)
-    pid: torch.Tensor | None  # (C, K)
+    positive_ids: torch.Tensor | None  # (C, K)
     ga: torch.Tensor | None  # (C, g) guide embeddings, unit rows, for false-negative filtering
     gp: torch.Tensor | None  # (C, K, g)
     gn: torch.Tensor | None  # (C, M, g)
 
     def split(self, size: int) -> list[Rows]:
-        values = [getattr(self, f.name) for f in fields(self)]
-        count = -(-self.a.shape[0] // size)
-        parts = [[None] * count if v is None else torch.split(v, size) for v in values]
-        return [Rows(*chunk) for chunk in zip(*parts, strict=True)]
+        names = [f.name for f in fields(self)]
+        count = -(-self.anchors.shape[0] // size)
+        parts = [[None] * count if v is None else torch.split(v, size) for v in map(self.__getattribute__, names)]
+        return [Rows(**dict(zip(names, chunk, strict=True))) for chunk in zip(*parts, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -88,16 +93,18 @@ class Block:
 def chunk_loss(opts: Options, k: int, tau: Temperature, r: Rows, ctx: Context) -> torch.Tensor:
     """The (C*K,) losses of one chunk's terms, anchor-major."""
     sim = opts.similarity
-    fill = torch.finfo(r.a.dtype).min  # finite: an anchor with no negatives gets loss 0 and zero (not NaN) grads
+    fill = torch.finfo(r.anchors.dtype).min  # finite: an anchor with no negatives gets loss 0 and zero (not NaN) grads
     raw = ctx.pool is None and sim.fused  # anchors and their own rows as given: the similarity normalizes them
     # With a linear similarity, 1/τ is folded into the queries: (C, d) divisions instead of one per logit.
     scale = None if sim.linear else tau
-    qp = r.p / tau if sim.linear and (P2P in opts.directions or P2A in opts.directions) else r.p  # (as queries)
+    qp = (
+        r.positives / tau if sim.linear and (P2P in opts.directions or P2A in opts.directions) else r.positives
+    )  # (as queries)
     memo: list[torch.Tensor] = []
 
     def queries() -> torch.Tensor:  # the anchors as queries, made when a block first compares them (raw: shared)
         if not memo:
-            a = sim.normalize(r.a) if raw else r.a
+            a = sim.normalize(r.anchors) if raw else r.anchors
             memo.append(a / tau if scale is None else a)
         return memo[0]
 
@@ -106,15 +113,7 @@ def chunk_loss(opts: Options, k: int, tau: Temperature, r: Rows, ctx: Context) -
 
     if ctx.pool is not None and k == 1 and opts.plain and ctx.pool_ids is None and ctx.shared is None:
         return _plain_in_batch(logits(sim.block(queries(), ctx.pool)), r, ctx, fill)
-    rows = [r.p] if r.neg is None else [r.p, r.neg]
-    if raw:  # one call for the positives and negatives; a number 1/τ applied to its (C, J) outputs
-        if isinstance(tau, torch.Tensor):
-            own = [x / tau for x in sim.raw_rows(r.a, rows)]
-        else:
-            own = sim.raw_rows(r.a, rows, 1.0 / tau)
-    else:
-        own = [logits(sim.rows(queries(), x)) for x in rows]
-    pos, neg = own[0], own[1] if len(own) > 1 else None  # (C, K), (C, M)
+    pos, neg = group_logits(opts, tau, r, None if raw else queries)  # (C, K), (C, M)
     if neg is not None and ctx.pool is None and ctx.shared is None and r.valid is None and opts.plain:
         return _nll(pos, block_lse(Block(neg, None, None, None), None, None, fill)).reshape(-1)  # the one block
     cand = None if ctx.pool is None else logits(sim.block(queries(), ctx.pool))  # (C, R) the in-batch block's logits
@@ -130,6 +129,28 @@ def chunk_loss(opts: Options, k: int, tau: Temperature, r: Rows, ctx: Context) -
         return torch.stack([_nll(pos, lse) for lse in parts]).mean(0).reshape(-1)
     extra = [pos] if P2A in lses else []  # positive_to_anchor holds the positive pair a second time
     return _nll(pos, _combine([*a2p, *lses.values(), *extra], pos, fill)).reshape(-1)
+
+
+def group_logits(
+    opts: Options, tau: Temperature, r: Rows, queries: Callable[[], torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The logits of each anchor's own group: ``s(a_i, p_ik)/τ`` (C, K) and ``s(a_i, n_im)/τ`` (C, M) or None.
+
+    The seam for a term that needs the group's distribution (a softmax over [positives, negatives], as open_clip's
+    ``get_logits`` serves ``DistillClipLoss``): the same numbers the InfoNCE terms use, before hardness, exclusion
+    (``r.valid`` says which negatives are candidates) and the filter. ``queries``: the anchors as queries (unit
+    rows, divided by τ for a linear similarity), shared with the other blocks; ``None``: ``r`` holds the anchors
+    and rows as given, and the similarity normalizes them on the fly (``sim.fused``), in one call.
+    """
+    sim, rows = opts.similarity, [r.positives] if r.negatives is None else [r.positives, r.negatives]
+    if queries is None:  # one call; a number 1/τ scales its (C, J) outputs, a tensor τ divides them
+        if isinstance(tau, torch.Tensor):
+            own = [x / tau for x in sim.raw_rows(r.anchors, rows)]
+        else:
+            own = sim.raw_rows(r.anchors, rows, 1.0 / tau)
+    else:  # (a linear similarity's queries hold 1/τ already)
+        own = [sim.rows(queries(), x) if sim.linear else sim.rows(queries(), x) / tau for x in rows]
+    return own[0], own[1] if len(own) > 1 else None
 
 
 def block_lse(block: Block, limit: torch.Tensor | None, hardness: Temperature | None, fill: float) -> torch.Tensor:
@@ -205,7 +226,7 @@ def _blocks(
     g_in_batch: torch.Tensor | None,
 ) -> Iterator[tuple[str, Block]]:
     """The chunk's candidate blocks, built one at a time (each is reduced before the next one exists)."""
-    sim, k = opts.similarity, r.p.shape[1]
+    sim, k = opts.similarity, r.positives.shape[1]
     own_guide = opts.false_negative_margin is not None and r.ga is None  # the guide's cosines are the logits
 
     def block(x: torch.Tensor, own: torch.Tensor | None, excluded: torch.Tensor | None, g: torch.Tensor | None
@@ -247,9 +268,9 @@ def same_item(ids: torch.Tensor, positive_ids: torch.Tensor) -> torch.Tensor:
 
 def shared_excluded(r: Rows, ctx: Context) -> torch.Tensor | None:
     """(C, S) bool: shared rows that are not the anchor's negatives (unused, or an id clash), or None for none."""
-    out = None if ctx.shared_unused is None else ctx.shared_unused[None, :].expand(r.a.shape[0], -1)
-    if ctx.shared_ids is not None and r.pid is not None:
-        clash = same_item(ctx.shared_ids[None, :, None], r.pid[:, None, :]).any(-1)  # (C, S)
+    out = None if ctx.shared_unused is None else ctx.shared_unused[None, :].expand(r.anchors.shape[0], -1)
+    if ctx.shared_ids is not None and r.positive_ids is not None:
+        clash = same_item(ctx.shared_ids[None, :, None], r.positive_ids[:, None, :]).any(-1)  # (C, S)
         out = clash if out is None else out | clash
     return out
 
@@ -261,8 +282,8 @@ def pool_excluded(r: Rows, ctx: Context, own_row: bool = True) -> torch.Tensor |
     positives are numerators, its negatives its own block.
     """
     out = None if ctx.pool_excluded is None else ctx.pool_excluded[None, :].expand(r.rows.shape[0], -1)
-    if ctx.pool_ids is not None and r.pid is not None:
-        clash = same_item(ctx.pool_ids[None, :, None], r.pid[:, None, :]).any(-1)  # (C, R)
+    if ctx.pool_ids is not None and r.positive_ids is not None:
+        clash = same_item(ctx.pool_ids[None, :, None], r.positive_ids[:, None, :]).any(-1)  # (C, R)
         out = clash if out is None else out | clash
     if own_row and ctx.pool is not None and r.own is not None:
         mine = torch.zeros(r.rows.shape[0], ctx.pool.shape[0], dtype=torch.bool, device=r.rows.device)

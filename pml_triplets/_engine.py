@@ -24,27 +24,30 @@ from pytorch_metric_learning.losses import NTXentLoss
 from torch.utils.checkpoint import checkpoint
 
 from . import _distributed
-from ._blocks import Context, Rows, chunk_loss, pool_excluded, same_item, shared_excluded
+from ._blocks import Context, Rows, chunk_loss, group_logits, pool_excluded, same_item, shared_excluded
+from ._compat import as_dtype, autocast_enabled, is_compiling, transformed
+from ._inputs import DECLARED, Inputs, Temperature, gather
 from ._options import A2A, P2A, P2P, Options
 from ._reduce import check_reducer, reduce
-from ._validation import Batch, Data, Spec, Temperature, as_dtype, autocast_enabled, is_compiling, prepare, transformed
+from ._validation import Spec, prepare
 
 __all__: list[str] = []  # private module
 
 _BUDGET = {"cpu": 1 << 25, "cuda": 1 << 27}  # elements of the largest per-chunk intermediate
 _DEFAULT_LOSS = NTXentLoss()  # engine="pml" without a loss_fn; never modified (see _with_temperature)
 _ROWS, _CONTEXT = tuple(f.name for f in fields(Rows)), tuple(f.name for f in fields(Context))
-_GATHERED: tuple[str, ...] = ("positives", "negatives", "negatives_mask", "positive_ids", "negative_ids", "anchors")
-_GATHERED += ("guide[0]", "guide[1]", "guide[2]")
+_DERIVED = ("anchors", "positives", "negatives", "positive_ids")  # Rows fields the layout computes from Inputs'
+# Per-row inputs that a chunk reads as given: the Rows fields named as a row field of Inputs (none yet).
+_PASSED = tuple(name for name in _ROWS if name not in _DERIVED and name in DECLARED and DECLARED[name].axis == "row")
 
 
-def evaluate(opts: Options, tau: Temperature, data: Data) -> torch.Tensor:
+def evaluate(opts: Options, inputs: Inputs) -> torch.Tensor:
     """The loss of one call: validated, computed chunk by chunk, reduced; in the inputs' dtype."""
-    batch = prepare(data, opts.in_batch, opts.false_negative_margin is not None, opts.hardness_mode)
-    spec = batch.spec
+    spec, x = prepare(inputs, opts.in_batch, opts.false_negative_margin is not None, opts.hardness_mode)
+    tau = x.temperature
     check_reducer(opts, spec.n, spec.k)
     with torch.autocast(spec.device.type, enabled=False) if autocast_enabled(spec.device.type) else _nothing():
-        rows, ctx = _layout(opts, batch)
+        rows, ctx = _layout(opts, spec, x)
         size = opts.chunk_size or auto_chunk(opts, spec, ctx)
         if opts.dense:
             one = partial(chunk_loss, opts, spec.k, tau)
@@ -65,8 +68,28 @@ def evaluate(opts: Options, tau: Temperature, data: Data) -> torch.Tensor:
             per_pair = torch.cat(
                 [checkpoint(one, r, ctx, use_reentrant=False) if recompute else one(r, ctx) for r in rows.split(size)]
             )
-        loss = reduce(opts, per_pair, batch.a, spec.k)
+        loss = reduce(opts, per_pair, x.anchors, spec.k)
         return as_dtype(loss, spec.dtype)
+
+
+def own_logits(opts: Options, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each anchor's own group as the dense engine's softmax sees it: ``(N, K + M)`` logits and ``(N, M)`` valid.
+
+    The logits ``s(a_i, c)/τ`` of its K positives, then its M negatives in the order given (``group_logits``,
+    all N anchors at once, in the working dtype); ``valid`` says which negatives are candidates (the mask minus
+    id clashes; None: all). Where it is False the logit means nothing: such rows are zeroed before any use.
+    What a term over the group's distribution (distillation) reads, as open_clip's ``get_logits``.
+    """
+    if not opts.dense:
+        raise ValueError("the logits of the dense engine: `engine='pml'` computes no logits of its own")
+    spec, x = prepare(inputs, opts.in_batch, opts.false_negative_margin is not None, opts.hardness_mode)
+    tau, sim = x.temperature, opts.similarity
+    rows, ctx = _layout(opts, spec, x)
+    raw = ctx.pool is None and sim.fused  # (as chunk_loss: rows as given, normalized on the fly)
+    pos, neg = group_logits(
+        opts, tau, rows, None if raw else lambda: rows.anchors / tau if sim.linear else rows.anchors
+    )
+    return pos if neg is None else torch.cat([pos, neg], dim=1), rows.valid
 
 
 def _mapped(opts: Options, tau: Temperature, k: int, rows: Rows, ctx: Context, size: int) -> torch.Tensor:
@@ -78,7 +101,7 @@ def _mapped(opts: Options, tau: Temperature, k: int, rows: Rows, ctx: Context, s
     """
     from torch._higher_order_ops.map import map as hop_map
 
-    count = -(-rows.a.shape[0] // size)
+    count = -(-rows.anchors.shape[0] // size)
     names = [name for name in _ROWS if getattr(rows, name) is not None]
     xs = [_pad(getattr(rows, name), count * size).unflatten(0, (count, size)) for name in names]
     shared = {name: getattr(ctx, name) for name in _CONTEXT if getattr(ctx, name) is not None}
@@ -89,15 +112,16 @@ def _mapped(opts: Options, tau: Temperature, k: int, rows: Rows, ctx: Context, s
         return chunk_loss(options, k, scalars[0], chunk, everything)  # (size*K,)
 
     scalars = [
-        v if isinstance(v, torch.Tensor) else rows.a.new_full((), v)
+        v if isinstance(v, torch.Tensor) else rows.anchors.new_full((), v)
         for v in (tau, opts.hardness_strength, opts.false_negative_margin or 0.0)
     ]
     options = replace(
         opts,
-        hardness_strength=scalars[1],  # type: ignore[arg-type]
+        # (a mode's strength only: without one it is 0.0, and a tensor would differ from the plain default)
+        hardness_strength=scalars[1] if opts.hardness_mode is not None else opts.hardness_strength,  # type: ignore[arg-type]
         false_negative_margin=None if opts.false_negative_margin is None else scalars[2],  # type: ignore[arg-type]
     )
-    total = rows.a.shape[0] * k
+    total = rows.anchors.shape[0] * k
     return cast(torch.Tensor, hop_map(body, xs, *shared.values())).reshape(-1)[:total]  # type: ignore[arg-type]
 
 
@@ -136,36 +160,47 @@ def auto_chunk(opts: Options, spec: Spec, ctx: Context) -> int:
     return -(-spec.n // count)
 
 
-def _layout(opts: Options, batch: Batch) -> tuple[Rows, Context]:
+def _layout(opts: Options, spec: Spec, x: Inputs) -> tuple[Rows, Context]:
     """The chunkable rows and what every chunk compares with, normalized as the distance would normalize them."""
-    spec, a, p, neg, pid, nid = batch.spec, batch.a, batch.p, batch.neg, batch.pid, batch.nid
+    a, p, neg, pid, nid = x.anchors, x.positives, x.negatives, x.positive_ids, x.negative_ids
     fused = opts.dense and opts.similarity.fused and not opts.in_batch  # per-anchor rows normalized on the fly
     if neg is not None and not fused:  # (fused, half-precision negatives are cast block by block)
         neg = neg.to(a.dtype)
     # Without a guide, the model's own cosines: the dense engine's logits themselves when it computes cosines (no
     # guide tensors then), else the detached unit embeddings.
-    unit = opts.false_negative_margin is not None and batch.guide is None and not opts.similarity.cosine
-    ga, gp, gn = (_unit(a), _unit(p), _unit(neg)) if unit else batch.guide or (None, None, None)
-    with_anchors = opts.in_batch and (A2A in opts.directions or P2A in opts.directions)
-    everyone, offset, total = [p, neg, batch.mask, pid, nid, a if with_anchors else None, ga, gp, gn], 0, spec.n
-    if opts.gather_across_devices and _distributed.world()[1] > 1:
-        everyone, offset, total = _distributed.gather_rows(everyone, spec.n, names=_GATHERED)
-    unused = _unused(everyone[2], everyone[3], everyone[4], opts.in_batch)  # (T, M) no anchor may use them
-    if unused is not None and everyone[1] is not None:  # whatever they hold (inf, NaN) reaches no loss, no gradient
-        everyone[1] = torch.where(unused[..., None], everyone[1].new_zeros(()), everyone[1])
-    valid = batch.mask
+    unit = opts.false_negative_margin is not None and x.guide is None and not opts.similarity.cosine
+    guide = (_unit(a), _unit(p), _unit(neg)) if unit else x.guide or (None, None, None)
+    ga, gp, gn = guide
+    valid = x.negatives_mask
     if nid is not None and pid is not None:
         clash = same_item(nid[:, :, None], pid[:, None, :]).any(-1)  # (N, M) the same item as one of its positives
         valid = ~clash if valid is None else valid & ~clash
-    rows = torch.arange(offset, offset + spec.n, device=spec.device)  # (N,) global rows
+    rows = torch.arange(spec.n, device=spec.device)  # (N,) global rows (offset below, once gathered)
     norm = partial(_normalize, opts, spec)
-    shared = None if batch.shared is None else norm(batch.shared)
-    unused_shared = None if batch.shared_mask is None else ~batch.shared_mask
-    ctx = Context(shared, _unit(batch.shared) if unit else None, batch.sid, unused_shared)
+    shared = None if x.shared_negatives is None else norm(x.shared_negatives)
+    unused_shared = None if x.shared_mask is None else ~x.shared_mask
+    ctx = Context(shared, _unit(x.shared_negatives) if unit else None, x.shared_negative_ids, unused_shared)
+    passed = {name: getattr(x, name) for name in _PASSED}  # this rank's rows, as checked
     if not opts.in_batch:  # what the similarity normalizes itself (fused: anchors and their rows) stays as it is
+        unused = _unused(x.negatives_mask, pid, nid, False)  # (N, M) whatever they hold reaches no loss
+        if unused is not None and neg is not None:
+            neg = torch.where(unused[..., None], neg.new_zeros(()), neg)
         rows_of = partial(_normalize, opts, spec, fused=fused)
-        neg = None if everyone[1] is None else rows_of(everyone[1])
-        return Rows(rows_of(a), rows_of(p), neg, valid, rows, None, pid, ga, gp, gn), ctx
+        neg = None if neg is None else rows_of(neg)
+        r = Rows(**passed, anchors=rows_of(a), positives=rows_of(p), negatives=neg, valid=valid, rows=rows, own=None,
+                 positive_ids=pid, ga=ga, gp=gp, gn=gn)  # fmt: skip
+        return r, ctx
+    with_anchors = A2A in opts.directions or P2A in opts.directions
+    # (anchors: gathered only for the directions that compare them)
+    pooled = x._replace(anchors=a if with_anchors else cast(torch.Tensor, None), negatives=neg, guide=guide)
+    everyone, offset, total = pooled, 0, spec.n
+    if opts.gather_across_devices and _distributed.world()[1] > 1:
+        everyone, offset, total = gather(everyone, spec.n)
+        rows = rows + offset
+    unused = _unused(everyone.negatives_mask, everyone.positive_ids, everyone.negative_ids, True)  # (T, M)
+    if unused is not None and everyone.negatives is not None:  # whatever they hold (inf, NaN) reaches no loss
+        everyone = everyone._replace(negatives=torch.where(unused[..., None], everyone.negatives.new_zeros(()),
+                                                           everyone.negatives))  # fmt: skip
     ctx = _pool(everyone, unused, total, spec, norm, ctx)
     assert ctx.pool is not None
     # This rank's rows are in the pool already normalized (and gathered): take them from it.
@@ -177,7 +212,9 @@ def _layout(opts: Options, batch: Batch) -> tuple[Rows, Context]:
     cols = [rows[:, None] * k + torch.arange(k, device=rows.device)]  # (N, K) pool columns of its positives
     cols.append(total * k + rows[:, None] * m + torch.arange(m, device=rows.device))  # (N, M) of its negatives
     own = torch.cat(cols, dim=1)  # (N, K + M)
-    return Rows(own_a, own_p, own_neg, valid, rows, own, pid, ga, gp, gn), ctx
+    r = Rows(**passed, anchors=own_a, positives=own_p, negatives=own_neg, valid=valid, rows=rows, own=own,
+             positive_ids=pid, ga=ga, gp=gp, gn=gn)  # fmt: skip
+    return r, ctx
 
 
 def _normalize(opts: Options, spec: Spec, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
@@ -211,7 +248,7 @@ def _unused(
 
 
 def _pool(
-    everyone: list[torch.Tensor | None],
+    everyone: Inputs,
     unused: torch.Tensor | None,
     total: int,
     spec: Spec,
@@ -219,8 +256,9 @@ def _pool(
     base: Context,
 ) -> Context:
     """``base`` with the in-batch pool over all T rows (embeddings, exclusions, ids, guides) and the anchors."""
-    p, neg, _, pid, nid, anchors, ga, gp, gn = everyone
-    assert p is not None
+    p, neg, pid, nid, anchors = (everyone.positives, everyone.negatives, everyone.positive_ids,
+                                 everyone.negative_ids, everyone.anchors)  # fmt: skip
+    ga, gp, gn = everyone.guide or (None, None, None)
     k, d = spec.k, spec.d
     # Normalized before the concatenation, which saves nothing for the backward (normalize saves its input).
     emb = [norm(x.reshape(-1, d)) for x in (p, neg) if x is not None]  # R = T*(K + M) rows
@@ -263,8 +301,8 @@ def _with_temperature(loss_fn: NTXentLoss, tau: Temperature) -> NTXentLoss:
 
 def _pml_chunk(loss_fn: NTXentLoss, k: int, r: Rows, ctx: Context) -> torch.Tensor:
     """One chunk through ``loss_fn.compute_loss``: positives, valid own negatives, shared and pool as ``ref_emb``."""
-    c, d, dev = r.a.shape[0], r.a.shape[1], r.a.device
-    refs, a2s, ns, offset = [r.p.reshape(c * k, d)], [], [], c * k
+    c, d, dev = r.anchors.shape[0], r.anchors.shape[1], r.anchors.device
+    refs, a2s, ns, offset = [r.positives.reshape(c * k, d)], [], [], c * k
 
     def add(emb: torch.Tensor, rows: torch.Tensor, col: torch.Tensor) -> None:  # pairs (anchor rows[j], emb[col[j]])
         nonlocal offset
@@ -273,17 +311,17 @@ def _pml_chunk(loss_fn: NTXentLoss, k: int, r: Rows, ctx: Context) -> torch.Tens
         ns.append(offset + col)
         offset += emb.shape[0]
 
-    if r.neg is not None:
-        m = r.neg.shape[1]
+    if r.negatives is not None:
+        m = r.negatives.shape[1]
         if r.valid is None:  # every pair: no data-dependent shapes
             add(
-                r.neg.reshape(c * m, d),
+                r.negatives.reshape(c * m, d),
                 torch.arange(c, device=dev).repeat_interleave(m),
                 torch.arange(c * m, device=dev),
             )
         else:
             rows, col = r.valid.nonzero(as_tuple=True)
-            add(r.neg.reshape(c * m, d), rows, rows * m + col)
+            add(r.negatives.reshape(c * m, d), rows, rows * m + col)
     if ctx.shared is not None:
         s, clash = ctx.shared.shape[0], shared_excluded(r, ctx)
         if clash is None:  # every pair: no data-dependent shapes
@@ -300,6 +338,6 @@ def _pml_chunk(loss_fn: NTXentLoss, k: int, r: Rows, ctx: Context) -> torch.Tens
     ns.append(torch.zeros(2, dtype=torch.long, device=dev))
     a1 = torch.arange(c, device=dev).repeat_interleave(k)
     pairs = (a1, torch.arange(c * k, device=dev), torch.cat(a2s), torch.cat(ns))
-    embeddings = torch.cat([r.a, r.a[:1].detach()])  # (C+1, d)
+    embeddings = torch.cat([r.anchors, r.anchors[:1].detach()])  # (C+1, d)
     out = loss_fn.compute_loss(embeddings, None, pairs, torch.cat(refs), None)
     return cast(torch.Tensor, out["loss"]["losses"])

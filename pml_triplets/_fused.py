@@ -38,7 +38,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
-from ._validation import is_compiling, nested_jvp, transformed
+from ._compat import is_compiling, nested_jvp, transformed
 
 __all__: list[str] = []  # private module
 

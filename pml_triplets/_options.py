@@ -14,15 +14,17 @@ import re
 import textwrap
 import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 import torch
 from pytorch_metric_learning.losses import CrossBatchMemory, NTXentLoss
 from pytorch_metric_learning.reducers import DoNothingReducer, MeanReducer
 
+from ._compat import is_compiling
+from ._inputs import Temperature
 from ._similarity import Similarity
-from ._validation import Temperature, check_temperature, is_compiling
+from ._validation import check_temperature
 from .ntxent import NTXentLoss as DropInNTXentLoss
 
 __all__: list[str] = []  # private module
@@ -37,22 +39,29 @@ A2P, P2A, A2A, P2P = typing.get_args(Direction)
 DEFAULT_TEMPERATURE = 0.07
 
 
+# Each option declares whether a value other than its default changes which terms the loss sums (more blocks,
+# weights, filters): then the engine's fast paths, written for the plain formula, must not run (``Options.plain``).
+# The others leave the formula's terms alone: the fast paths take any temperature, distance, chunk size, engine
+# -- and any hardness strength, which is > 0 exactly with a hardness_mode (checked), itself declared.
+CHANGES_FORMULA, KEEPS_FORMULA = {"formula": True}, {"formula": False}
+
+
 @dataclass(frozen=True)
 class Options:
     """One checked configuration: each option's name, type and default; ``DOCS`` below describes each."""
 
-    temperature: Temperature | None = None
-    loss_fn: NTXentLoss | None = None
-    in_batch: bool = False
-    chunk_size: int | None = None
-    engine: Engine = "auto"
-    gather_across_devices: bool = False
-    directions: tuple[Direction, ...] = (A2P,)
-    partition: Partition = "joint"
-    hardness_mode: HardnessMode = None
-    hardness_strength: float = 0.0
-    false_negative_margin: float | None = None
-    margin_strategy: MarginStrategy = "absolute"
+    temperature: Temperature | None = field(default=None, metadata=KEEPS_FORMULA)
+    loss_fn: NTXentLoss | None = field(default=None, metadata=KEEPS_FORMULA)
+    in_batch: bool = field(default=False, metadata=KEEPS_FORMULA)
+    chunk_size: int | None = field(default=None, metadata=KEEPS_FORMULA)
+    engine: Engine = field(default="auto", metadata=KEEPS_FORMULA)
+    gather_across_devices: bool = field(default=False, metadata=KEEPS_FORMULA)
+    directions: tuple[Direction, ...] = field(default=(A2P,), metadata=CHANGES_FORMULA)
+    partition: Partition = field(default="joint", metadata=CHANGES_FORMULA)
+    hardness_mode: HardnessMode = field(default=None, metadata=CHANGES_FORMULA)
+    hardness_strength: float = field(default=0.0, metadata=KEEPS_FORMULA)  # (> 0 exactly with a hardness_mode: checked)
+    false_negative_margin: float | None = field(default=None, metadata=CHANGES_FORMULA)
+    margin_strategy: MarginStrategy = field(default="absolute", metadata=CHANGES_FORMULA)
 
     @property
     def dense(self) -> bool:
@@ -85,21 +94,48 @@ class Options:
 
     @property
     def plain(self) -> bool:
-        """Anchor-to-positive only, no hardness, no filtering (checked options: a strength needs a mode)."""
-        return (
-            self.directions == (A2P,)
-            and self.partition == "joint"
-            and self.hardness_mode is None
-            and self.false_negative_margin is None
-        )
+        """Every option declared ``formula=True`` at its default: the plain formula, which the fast paths compute."""
+        plain: bool | None = self.__dict__.get("_plain")  # (made once per Options in eager mode: see similarity)
+        if plain is None:
+            plain = not any(_differs(getattr(self, name), default) for name, default in _FORMULA)
+            if not is_compiling():
+                object.__setattr__(self, "_plain", plain)
+        return plain
 
     def changed(self) -> dict[str, object]:
         """The options that differ from their defaults, by name (a tensor differs unless it is the default)."""
         values = {f.name: (getattr(self, f.name), f.default) for f in fields(self)}
-        return {k: v for k, (v, d) in values.items() if v is not d and (isinstance(v, torch.Tensor) or v != d)}
+        return {k: v for k, (v, d) in values.items() if _differs(v, d)}
 
 
+def _differs(value: object, default: object) -> bool:
+    return value is not default and (isinstance(value, torch.Tensor) or value != default)
+
+
+_FORMULA = tuple((f.name, f.default) for f in fields(Options) if f.metadata["formula"])
 DEFAULT = Options()
+
+
+def temperature_of(
+    opts: Options, log_temperature: torch.Tensor | None = None, module_tau: torch.Tensor | None = None
+) -> Temperature:
+    """The call's temperature, resolved once from its one source, first that applies.
+
+    An ``InfoNCE``'s learnable ``exp(log_temperature)``; its registered tensor ``module_tau`` (the ``temperature``
+    tensor given, as ``.to()`` moved it); ``loss_fn.temperature`` as it is now (checked: a schedule may have set
+    it); the ``temperature`` option; ``DEFAULT_TEMPERATURE``.
+
+    Example:
+        >>> temperature_of(Options()), temperature_of(Options(temperature=0.5))
+        (0.07, 0.5)
+    """
+    if log_temperature is not None:
+        return log_temperature.exp()
+    if module_tau is not None:
+        return module_tau
+    if opts.loss_fn is not None:
+        return check_temperature(opts.loss_fn.temperature)
+    return DEFAULT_TEMPERATURE if opts.temperature is None else opts.temperature
 
 
 DOCS = {  # the entry points' docstrings list these (see document)
@@ -253,10 +289,8 @@ def _check(given: dict[str, object]) -> Options:
     _check_hardness_and_margin(opts)
     if not opts.plain and not opts.dense:
         who = "no loss_fn" if opts.loss_fn is None else f"loss_fn={type(opts.loss_fn).__name__}"
-        raise ValueError(
-            "`directions`, `partition`, `hardness_mode` and `false_negative_margin` are computed by the dense "
-            f"engine only; got engine={opts.engine!r} with {who}"
-        )
+        names = ", ".join(f"`{name}`" for name, _ in _FORMULA)
+        raise ValueError(f"{names} are computed by the dense engine only; got engine={opts.engine!r} with {who}")
     return opts
 
 

@@ -16,17 +16,53 @@ not know, ``rows`` maps it over the anchors with ``torch.vmap``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, cast
 
 import torch
-from pytorch_metric_learning.distances import BaseDistance, DotProductSimilarity, LpDistance
+from pytorch_metric_learning.distances import (
+    BaseDistance,
+    CosineSimilarity,
+    DotProductSimilarity,
+    LpDistance,
+    SNRDistance,
+)
 
 from ._fused import cosine_rows, unit
 
 __all__: list[str] = []  # private module
 
-Kind = Literal["dot", "lp", "generic"]
+Kind = Literal["dot", "lp", "snr", "generic"]
+"""Which of PML's ``compute_mat`` a distance keeps: the dot product (``DotProductSimilarity``, ``CosineSimilarity``),
+``LpDistance``'s, ``SNRDistance``'s, or one of its own (``"generic"``: only the distance's own methods compute it)."""
+
+SimilarityName = Literal["cosine", "dot", "euclidean"]
+NAMED: dict[str, Callable[[], BaseDistance]] = {  # the ``similarity=`` names of ``reference_infonce``
+    "cosine": CosineSimilarity,
+    "dot": lambda: DotProductSimilarity(normalize_embeddings=False),
+    "euclidean": lambda: LpDistance(normalize_embeddings=False),
+}
+
+
+def kind_of(distance: BaseDistance | None) -> Kind:
+    """The one dispatch on a distance's kind, for the engine, the drop-in and the reference.
+
+    ``None`` is the default cosine similarity: ``"dot"`` on unit rows.
+
+    Example:
+        >>> from pytorch_metric_learning.distances import CosineSimilarity, LpDistance, SNRDistance
+        >>> kind_of(None), kind_of(CosineSimilarity()), kind_of(LpDistance()), kind_of(SNRDistance())
+        ('dot', 'dot', 'lp', 'snr')
+    """
+    if distance is None:
+        return "dot"
+    mat = type(distance).compute_mat
+    if mat is DotProductSimilarity.compute_mat:
+        return "dot"
+    if mat is LpDistance.compute_mat:
+        return "lp"
+    return "snr" if mat is SNRDistance.compute_mat else "generic"
 
 
 @dataclass(frozen=True)
@@ -38,13 +74,7 @@ class Similarity:
 
     @classmethod
     def of(cls, distance: BaseDistance | None) -> Similarity:
-        if distance is None:
-            return cls(None, "dot")
-        mat = type(distance).compute_mat
-        kind: Kind = (
-            "dot" if mat is DotProductSimilarity.compute_mat else "lp" if mat is LpDistance.compute_mat else "generic"
-        )
-        return cls(distance, kind)
+        return cls(distance, kind_of(distance))
 
     @property
     def linear(self) -> bool:
@@ -88,7 +118,7 @@ class Similarity:
         elif self.kind == "lp":
             assert self.distance is not None
             mat = torch.cdist(q[:, None], r, p=self.distance.p).squeeze(1)  # (C, J)
-        else:
+        else:  # ("snr" too: its compute_mat, as any other distance's)
             mat = self._generic_rows(q, r)
         return self._finish(mat)
 

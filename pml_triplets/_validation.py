@@ -12,18 +12,15 @@ import numbers
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__: list[str] = []  # private module
+from ._compat import as_dtype, is_compiling, transformed
+from ._inputs import WORK, Guide, Inputs, Temperature
 
-Temperature = float | torch.Tensor
-Guide = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
-Tensor = torch.Tensor | None
-Data = tuple[torch.Tensor, torch.Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, object, Tensor]
-"""A call's data, as given: anchors, positives, negatives, negatives_mask, shared_negatives, positive_ids,
-negative_ids, shared_negative_ids, guide, and the shared rows' mask (a queue's filled slots, inside torch.compile)."""
+__all__: list[str] = []  # private module
 
 
 @dataclass(frozen=True)
@@ -37,26 +34,6 @@ class Spec:
     d: int
     dtype: torch.dtype
     device: torch.device
-
-
-@dataclass(frozen=True)
-class Batch:
-    """One call's data in the engine's form and working dtype (float32 for half inputs), but for the negatives.
-
-    The negatives keep their dtype: the engine casts them, block by block where the similarity is fused.
-    """
-
-    spec: Spec
-    a: torch.Tensor  # (N, d)
-    p: torch.Tensor  # (N, K, d)
-    neg: torch.Tensor | None  # (N, M, d)
-    mask: torch.Tensor | None  # (N, M) the user's mask: which negatives exist
-    shared: torch.Tensor | None  # (S, d)
-    pid: torch.Tensor | None  # (N, K)
-    nid: torch.Tensor | None  # (N, M)
-    sid: torch.Tensor | None  # (S,)
-    guide: Guide | None  # unit rows, no grad: (N, g), (N, K, g), (N, M, g) or None
-    shared_mask: torch.Tensor | None = None  # (S,) True for a real shared negative (a queue's filled slots)
 
 
 def _shape(x: torch.Tensor) -> str:
@@ -144,39 +121,6 @@ def check_temperature(temperature: object) -> Temperature:
             return temperature  # type: ignore[return-value]
         return _check_positive(float(temperature))
     raise TypeError(f"`temperature` must be a float or a 0-d tensor; got {type(temperature).__name__}")
-
-
-# torch.compiler.is_compiling arrived in torch 2.3; torch._dynamo's has the same meaning before it. (Both bound once:
-# the engine asks a dozen times a call.)
-_IS_COMPILING = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
-_PEEK_INTERPRETER = torch._C._functorch.peek_interpreter_stack
-_INTERPRETER_STACK = getattr(torch._C._functorch, "get_interpreter_stack", None)
-_JVP = torch._C._functorch.TransformType.Jvp
-
-
-def is_compiling() -> bool:
-    return bool(_IS_COMPILING())
-
-
-def autocast_enabled(device_type: str) -> bool:
-    """Whether autocast is on for ``device_type`` (``"cpu"``, ``"cuda"``, ...)."""
-    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4 takes the device type
-        return bool(torch.is_autocast_enabled(device_type))
-    if device_type == "cpu":
-        return bool(torch.is_autocast_cpu_enabled())
-    return bool(torch.is_autocast_enabled())
-
-
-def transformed() -> bool:
-    """Whether a torch.func transform (grad, vjp, vmap, ...) is active around this call."""
-    return _PEEK_INTERPRETER() is not None
-
-
-def nested_jvp() -> bool:
-    """Whether two or more torch.func forward-mode transforms (``jvp``, ``jacfwd``) are active around this call."""
-    if _INTERPRETER_STACK is None:  # (a torch without the query: assumed, where a transform is active at all)
-        return transformed()
-    return sum(1 for i in _INTERPRETER_STACK() or () if i.key() == _JVP) > 1
 
 
 def _check_positive(value: float) -> float:
@@ -322,22 +266,26 @@ def _same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"`{name}` is on {t.device} but `anchors` is on {device}; move them to one device")
 
 
-def prepare(data: Data, in_batch: bool, filtering: bool, hardness_mode: str | None) -> Batch:
-    """Validate ``data`` (the call's arguments, in ``Data``'s order), then bring it into the engine's form."""
-    anchors, positives, negatives, mask, shared, pid, nid, sid, guide, shared_mask = data
-    spec = check_inputs(*data[:8], in_batch=in_batch)
+def prepare(x: Inputs, in_batch: bool, filtering: bool, hardness_mode: str | None) -> tuple[Spec, Inputs]:
+    """Validate the call's inputs ``x`` (one check per field), then bring them into the engine's form."""
+    spec = check_inputs(
+        x.anchors, x.positives, x.negatives, negatives_mask=x.negatives_mask, shared_negatives=x.shared_negatives,
+        positive_ids=x.positive_ids, negative_ids=x.negative_ids, shared_negative_ids=x.shared_negative_ids,
+        in_batch=in_batch,
+    )  # fmt: skip
     if hardness_mode == "own" and spec.m == 0:
         raise ValueError("`hardness_mode='own'` weighs each anchor's own negatives, and `negatives` is None")
     work = torch.float32 if spec.dtype in (torch.float16, torch.bfloat16) else spec.dtype
-    guides = _check_guide(guide, spec, positives, filtering, shared is not None, work)
-    n, k = spec.n, spec.k
-    shared = None if shared is None else as_dtype(shared, work)
-    p, pid = as_dtype(positives, work).reshape(n, k, -1), None if pid is None else pid.reshape(n, k)
-    return Batch(spec, as_dtype(anchors, work), p, negatives, mask, shared, pid, nid, sid, guides, shared_mask)
-
-
-def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return x if x.dtype == dtype else x.to(dtype)  # (a no-op .to still parses its arguments: microseconds a call)
+    guide = _check_guide(x.guide, spec, x.positives, filtering, x.shared_negatives is not None, work)
+    n, k, pid = spec.n, spec.k, x.positive_ids
+    shaped: dict[str, Any] = {"positives": x.positives.reshape(n, k, -1), "guide": guide}  # guide: unit, `work`
+    if pid is not None:
+        shaped["positive_ids"] = pid.reshape(n, k)  # (N, K)
+    for name in WORK:  # each field declared "work": in the working dtype
+        value = shaped.get(name, getattr(x, name))
+        if isinstance(value, torch.Tensor):
+            shaped[name] = as_dtype(value, work)
+    return spec, x._replace(**shaped)
 
 
 def _check_guide(

@@ -16,6 +16,7 @@ from pytorch_metric_learning.losses import NTXentLoss
 from torch import nn
 
 from ._engine import evaluate
+from ._inputs import Guide, Inputs, Temperature
 from ._options import (
     DEFAULT,
     DEFAULT_TEMPERATURE,
@@ -24,13 +25,12 @@ from ._options import (
     Engine,
     HardnessMode,
     MarginStrategy,
-    Options,
     Partition,
     document,
     make_options,
+    temperature_of,
 )
-from ._validation import Guide, Temperature, check_temperature
-from .queue import NegativeQueue, from_queue
+from .queue import NegativeQueue, with_queue
 
 __all__ = ["DEFAULT_TEMPERATURE", "InfoNCE", "infonce"]
 
@@ -38,13 +38,6 @@ __all__ = ["DEFAULT_TEMPERATURE", "InfoNCE", "infonce"]
 def _options(arguments: dict[str, object]) -> dict[str, object]:
     """The options among a call's arguments (its ``locals()``), by name: each is spelled once, in Options."""
     return {name: arguments[name] for name in NAMES}
-
-
-def _temperature(opts: Options) -> Temperature:
-    """The configured temperature, or ``loss_fn``'s as it is now -- checked, since a schedule may have set it."""
-    if opts.loss_fn is not None:
-        return check_temperature(opts.loss_fn.temperature)
-    return DEFAULT_TEMPERATURE if opts.temperature is None else opts.temperature
 
 
 def infonce(  # noqa: D417 (the options' descriptions are filled in from _options.Options)
@@ -133,13 +126,10 @@ def infonce(  # noqa: D417 (the options' descriptions are filled in from _option
         True
     """
     opts = make_options(**_options(locals()))
-    tau = _temperature(opts)
-    others = negatives is not None or in_batch
-    shared, shared_ids, shared_mask = from_queue(queue, shared_negatives, shared_negative_ids, positive_ids, anchors,
-                                                 others)  # fmt: skip
-    data = (anchors, positives, negatives, negatives_mask, shared, positive_ids, negative_ids, shared_ids, guide,
-            shared_mask)  # fmt: skip
-    return evaluate(opts, tau, data)
+    inputs = Inputs(anchors=anchors, positives=positives, negatives=negatives, negatives_mask=negatives_mask,
+                    shared_negatives=shared_negatives, positive_ids=positive_ids, negative_ids=negative_ids,
+                    shared_negative_ids=shared_negative_ids, guide=guide, temperature=temperature_of(opts))  # fmt: skip
+    return evaluate(opts, inputs if queue is None else with_queue(queue, inputs, in_batch))
 
 
 class InfoNCE(nn.Module):
@@ -195,7 +185,7 @@ class InfoNCE(nn.Module):
             self.tau = None
         self.log_temperature: nn.Parameter | None = None
         if learnable_temperature:
-            start = float(torch.as_tensor(_temperature(self.options)).detach().double())
+            start = float(torch.as_tensor(temperature_of(self.options)).detach().double())
             self.log_temperature = nn.Parameter(torch.tensor(math.log(start)))
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -208,9 +198,7 @@ class InfoNCE(nn.Module):
     @property
     def temperature(self) -> Temperature:
         """The temperature in use: ``exp(log_temperature)`` when learnable, else the given one (or loss_fn's)."""
-        if self.log_temperature is not None:
-            return self.log_temperature.exp()
-        return self.tau if self.tau is not None else _temperature(self.options)
+        return temperature_of(self.options, self.log_temperature, self.tau)
 
     def forward(
         self,
@@ -234,12 +222,10 @@ class InfoNCE(nn.Module):
         ``guide`` (the guide model's embeddings of the three). Returns the 0-d loss (``(N*K,)`` per-pair losses
         with a ``DoNothingReducer``).
         """
-        others = negatives is not None or self.options.in_batch
-        shared, shared_ids, shared_mask = from_queue(queue, shared_negatives, shared_negative_ids, positive_ids,
-                                                     anchors, others)  # fmt: skip
-        data = (anchors, positives, negatives, negatives_mask, shared, positive_ids, negative_ids, shared_ids, guide,
-                shared_mask)  # fmt: skip
-        return evaluate(self.options, self.temperature, data)
+        inputs = Inputs(anchors=anchors, positives=positives, negatives=negatives, negatives_mask=negatives_mask,
+                        shared_negatives=shared_negatives, positive_ids=positive_ids, negative_ids=negative_ids,
+                        shared_negative_ids=shared_negative_ids, guide=guide, temperature=self.temperature)  # fmt: skip
+        return evaluate(self.options, inputs if queue is None else with_queue(queue, inputs, self.options.in_batch))
 
     def extra_repr(self) -> str:
         """The temperature now, whether it is learnable, and every option that differs from its default."""

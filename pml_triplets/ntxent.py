@@ -24,21 +24,21 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pytorch_metric_learning import losses
-from pytorch_metric_learning.distances import BaseDistance, DotProductSimilarity, LpDistance, SNRDistance
+from pytorch_metric_learning.distances import BaseDistance
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from ._validation import as_dtype, is_compiling
+from ._compat import as_dtype, is_compiling
+from ._similarity import Kind, kind_of
 
 __all__ = ["NTXentLoss", "RepeatLayoutWarning"]
 
 Pairs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 LossDict = dict[str, dict[str, Any]]
-Kind = Literal["dot", "lp", "snr", "matrix"]
 _NAMES = {3: ("a", "p", "n"), 4: ("a1", "p", "a2", "n")}
 _INDEX_DTYPES = (torch.int64, torch.int32)  # what PML's indexing takes as indices (uint8 and bool are masks)
 _HALF = (torch.float16, torch.bfloat16)
@@ -224,7 +224,7 @@ def pair_values(
     a1, p, a2, n = pairs
     gathered = 2 * (len(a1) + len(a2)) * embeddings.shape[1]  # elements of the rows gathered for the pairs
     rows, cols = torch.cat([a1, a2]), torch.cat([p, n])  # (P + Q,)
-    if kind == "matrix" or len(embeddings) * len(ref_emb) <= gathered:
+    if kind == "generic" or len(embeddings) * len(ref_emb) <= gathered:
         mat = distance(embeddings, ref_emb)  # (B, R), as PML computes it
         vals = _take(mat, rows, cols)  # (P + Q,)
         return vals[: len(a1)], vals[len(a1) :]
@@ -266,16 +266,11 @@ def _rowwise(kind: Kind, distance: BaseDistance, x: torch.Tensor, y: torch.Tenso
 def distance_kind(distance: BaseDistance) -> Kind:
     """How ``pair_values`` evaluates ``distance``: row by row for PML's own ``compute_mat``, else the matrix.
 
-    Row by row in every dtype: ``_rowwise`` follows ``compute_mat``'s float16 branch where it has one.
+    The kind is ``kind_of``'s; a distance with a ``forward`` of its own is ``"generic"`` here: its matrix through
+    ``distance(...)``. Row by row in every dtype: ``_rowwise`` follows ``compute_mat``'s float16 branch where it
+    has one.
     """
-    cls = type(distance)
-    if cls.forward is not BaseDistance.forward:
-        return "matrix"
-    if cls.compute_mat is DotProductSimilarity.compute_mat:
-        return "dot"
-    if cls.compute_mat is LpDistance.compute_mat:
-        return "lp"
-    return "snr" if cls.compute_mat is SNRDistance.compute_mat else "matrix"
+    return "generic" if type(distance).forward is not BaseDistance.forward else kind_of(distance)
 
 
 def repeat_layout(given: tuple[torch.Tensor, ...], ref_rows: int) -> int:
@@ -318,7 +313,7 @@ def _check_embeddings(embeddings: torch.Tensor, ref_emb: torch.Tensor, distance:
     if ref_emb.device != embeddings.device:
         raise ValueError(f"`ref_emb` is on {ref_emb.device} but `embeddings` on {embeddings.device}")
     kind = distance_kind(distance)
-    if kind != "matrix" and ref_emb.shape[1] != embeddings.shape[1]:
+    if kind != "generic" and ref_emb.shape[1] != embeddings.shape[1]:
         raise ValueError(
             f"`ref_emb` must be [R, d] with the embeddings' d={embeddings.shape[1]}; got shape {tuple(ref_emb.shape)}"
         )

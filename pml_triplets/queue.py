@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from . import _distributed
-from ._validation import is_compiling
+from ._compat import is_compiling
+from ._inputs import Inputs
 
 __all__ = ["NegativeQueue"]
 
@@ -210,6 +211,14 @@ def from_queue(
     if a is not None and a.dtype != rows.dtype:
         rows = rows.to(a.dtype)
     return rows, None if positive_ids is None else ids, mask
+
+
+def with_queue(queue: object, inputs: Inputs, in_batch: bool) -> Inputs:
+    """``inputs`` with ``queue``'s rows as its shared negatives (see ``from_queue``)."""
+    others = inputs.negatives is not None or in_batch
+    shared, ids, mask = from_queue(queue, inputs.shared_negatives, inputs.shared_negative_ids, inputs.positive_ids,
+                                   inputs.anchors, others)  # fmt: skip
+    return inputs._replace(shared_negatives=shared, shared_negative_ids=ids, shared_mask=mask)
 
 
 _EMPTY = (

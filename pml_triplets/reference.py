@@ -3,7 +3,8 @@
 ``reference_infonce`` takes every argument of ``pml_triplets.infonce`` and computes the same number the
 slow way. For each anchor it lists each direction's candidates explicitly (embedding, kind, id, guide vector); for
 each of its positives it computes every logit one similarity at a time, through the distance object on 1-row
-matrices, and takes one log-sum-exp per softmax. It shares nothing with the engines but the input checks.
+matrices, and takes one log-sum-exp per softmax. It shares nothing with the engines but the input checks, the
+default temperature and the table of ``similarity=`` names (``_similarity.NAMED``).
 ``tests/test_reference.py`` compares it with a second loop written independently (``tests/formula.py``) and with
 closed forms; ``python -m pml_triplets check`` measures ``infonce`` against it.
 """
@@ -12,34 +13,28 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, cast
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
-from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity, DotProductSimilarity, LpDistance
+from pytorch_metric_learning.distances import BaseDistance
 from pytorch_metric_learning.losses import NTXentLoss
 from pytorch_metric_learning.reducers import DoNothingReducer, MeanReducer, PerAnchorReducer
 
-from ._options import plain_ntxent
+from ._options import DEFAULT_TEMPERATURE, plain_ntxent
+from ._similarity import NAMED, SimilarityName
 from ._validation import check_inputs, check_temperature
 from .queue import NegativeQueue, from_queue
 
 __all__ = ["reference_infonce"]
 
-Similarity = Literal["cosine", "dot", "euclidean"]
 _A2P, _P2A, _A2A, _P2P = "anchor_to_positive", "positive_to_anchor", "anchor_to_anchor", "positive_to_positive"
 _DIRECTIONS = (_A2P, _P2A, _A2A, _P2P)
 _HARDENED = {None: (), "in_batch": ("in_batch",), "own": ("own",), "all": ("own", "shared", "in_batch")}
 _PARTITIONS = ("joint", "per_direction")
 _MARGIN_STRATEGIES = ("absolute", "relative")
 _ENGINES = ("auto", "dense", "pml")
-_SIMILARITIES: dict[str, Callable[[], BaseDistance]] = {
-    "cosine": CosineSimilarity,
-    "dot": lambda: DotProductSimilarity(normalize_embeddings=False),
-    "euclidean": lambda: LpDistance(normalize_embeddings=False),
-}
 
 
 @dataclass(frozen=True)
@@ -109,7 +104,7 @@ def reference_infonce(
     false_negative_margin: float | None = None,
     margin_strategy: str = "absolute",
     guide: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
-    similarity: Similarity | None = None,
+    similarity: SimilarityName | None = None,
 ) -> torch.Tensor:
     """The loss of ``pml_triplets.infonce``, one anchor and one positive at a time, in float64.
 
@@ -445,10 +440,10 @@ def _options(
 def _loss_fn_parts(temperature: object, loss_fn: object, similarity: object) -> tuple[BaseDistance, object]:
     """The distance and the (unchecked) temperature, from ``loss_fn`` or from ``similarity`` and ``temperature``."""
     if loss_fn is None:
-        if similarity is not None and similarity not in _SIMILARITIES:
-            raise ValueError(f"`similarity` must be one of {tuple(_SIMILARITIES)}; got {similarity!r}")
-        make = _SIMILARITIES[str(similarity or "cosine")]
-        return make(), 0.07 if temperature is None else temperature
+        if similarity is not None and similarity not in NAMED:
+            raise ValueError(f"`similarity` must be one of {tuple(NAMED)}; got {similarity!r}")
+        make = NAMED[str(similarity or "cosine")]
+        return make(), DEFAULT_TEMPERATURE if temperature is None else temperature
     if not isinstance(loss_fn, NTXentLoss):
         raise TypeError(f"`loss_fn` must be a pytorch_metric_learning NTXentLoss; got {type(loss_fn).__name__}")
     if not plain_ntxent(loss_fn):  # PML's NTXentLoss, a subclass that only configures it, or pt.NTXentLoss

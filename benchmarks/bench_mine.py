@@ -29,13 +29,15 @@ round): it builds the inputs, makes one small warm-up call (thread pools, FAISS'
 memory (``malloc_trim``), resets the peak resident set size (``/proc/self/clear_refs``), reads the resident set
 size, then makes the full-size call and reports its wall time, its CPU time (``time.process_time``; on a shared
 machine the wall time also counts other processes' turns) and the new peak (``VmHWM``) minus that level: the
-memory the call needs on top of its inputs (the corpus is ``C * d * 4`` bytes, 51 MB at the default size). glibc
-serves allocations of 64 KiB and more with ``mmap`` (``MALLOC_MMAP_THRESHOLD_``), so freed blocks leave the resident
-set and do not hide a later peak. The first round's ids are saved (``<out>/ids-<method>.pt``) and compared: rows
+memory the call needs on top of its inputs (the corpus is ``C * d * 4`` bytes, 51 MB at the default size). The
+allocator is glibc's default, as a user runs it (forcing ``mmap`` for large blocks, as ``bench_loss.py`` does for
+its memory runs, made every fresh tile fault its pages in and cost ``mine_negatives`` some 10 % more CPU time here);
+memory it keeps after a free counts, so the peak is an upper bound of the live tensors. The first round's ids are
+saved (``<out>/ids-<method>.pt``) and compared: rows
 whose ids differ from the floor's, over all queries and over the first ``--check-queries``.
 
-Before anything is timed, the three methods are checked at a small size (Q=64, C=3,000, two threads of work as
-above) against a float64 brute force: the same ids in every row.
+Before anything is timed, the three methods are checked at a small size (Q=64, C=3,000) against a float64
+brute force: the same ids in every row.
 
 Reported (printed, and written to ``<out>/mine.md``): median wall and CPU time, largest peak, their ratios to FAISS
 and to the floor; targets: ``mine_negatives`` time <= 1.5x FAISS's (wall and CPU), peak extra memory <= 256 MB,
@@ -255,7 +257,7 @@ def measure(method: str, args: argparse.Namespace, save: Path | None) -> dict[st
     cmd += ["--query-chunk", str(args.query_chunk)] if args.query_chunk else []
     cmd += ["--corpus-chunk", str(args.corpus_chunk)] if args.corpus_chunk else []
     cmd += ["--save", str(save)] if save is not None else []
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
         raise SystemExit(f"{method} worker failed (exit code {out.returncode}):\n{out.stderr[-3000:]}")
@@ -386,7 +388,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--d", type=int, help=f"embedding size (default {DEFAULT.d})")
     parser.add_argument("--k", type=int, help=f"negatives per query (default {DEFAULT.k})")
     parser.add_argument("--methods", default=",".join(METHODS), help="a subset of " + ",".join(METHODS))
-    parser.add_argument("--repeats", type=int, default=3, help="rounds, one process per method each")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds, one process per method each")
     parser.add_argument("--threads", type=int, default=2, help="torch and FAISS threads")
     parser.add_argument("--floor-chunk", type=int, default=1024, help="query rows per score matrix of the floor")
     parser.add_argument("--query-chunk", type=int, default=None, help="mine_negatives' query_chunk (default: its own)")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import pml_triplets as pt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_mine  # noqa: E402
+import bench_mine
 
 K = 16
 

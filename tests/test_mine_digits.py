@@ -8,6 +8,7 @@ large against the spread measured over five seeds (docs/mining.md).
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -71,7 +72,7 @@ def test_mined_pool_is_the_nearest_other_class_images(split: DigitsSplit) -> Non
         got, want = [cos[j] for j in pool[i].tolist()], [cos[j] for j in ranked[:size]]
         assert max(abs(g - w) for g, w in zip(got, want, strict=True)) < 1e-6, i
         top = [cos[j] for j in ranked[: size + 1]]
-        if min(a - b for a, b in zip(top, top[1:])) > 1e-6:
+        if min(a - b for a, b in itertools.pairwise(top)) > 1e-6:
             checked += 1
             assert pool[i].tolist() == ranked[:size], i
     assert checked >= 15  # of the 21 rows looked at

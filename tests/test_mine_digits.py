@@ -2,13 +2,14 @@
 here, and (slow) its claim on a small run.
 
 The claim test trains every compared arm on three seeds and asserts the ordering the docs state with a margin
-large against the spread measured over five seeds (docs/mining.md).
+large against the spread measured over ten seeds (docs/mining-study.md).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import itertools
+import statistics
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -84,3 +85,18 @@ def test_rejects_bad_settings(split: DigitsSplit) -> None:
         md.train_arm(split.x_train, split.y_train, "hard", epochs=1)
     with pytest.raises(ValueError, match="`negatives` must be at most"):
         md.train_arm(split.x_train, split.y_train, "mined", negatives=2000, epochs=1)
+
+
+@pytest.mark.slow  # 12 trainings of 20 epochs: about a minute on one idle core, longer on a busy machine
+def test_mined_negatives_beat_pixel_random_and_in_batch(capsys: pytest.CaptureFixture[str]) -> None:
+    # docs/mining-study.md: over seeds 0-4 and again over 5-9, MAP@R of `mined` minus each other arm's averaged
+    # +0.0125 to +0.0178 (standard deviation of the seed-by-seed differences 0.003-0.009), and `mined` was higher
+    # on every one of the ten seeds. The bound, 0.005 on the mean over three seeds, is far below what was measured.
+    scores = md.main(["--seeds", "0", "1", "2"])
+    out = capsys.readouterr().out
+    assert "| arm | P@1 | MAP@R | Δ MAP@R vs mined, seed by seed |" in out
+    mined = [s[md.MAP_R] for s in scores["mined"]]
+    for arm in ("pixel", "random", "in-batch"):
+        gain = statistics.fmean(m - s[md.MAP_R] for m, s in zip(mined, scores[arm], strict=True))
+        assert gain > 0.005, (arm, scores)
+    assert statistics.fmean(mined) > 0.955, mined  # measured 0.9665 and 0.9632 over five seeds

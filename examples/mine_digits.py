@@ -39,7 +39,7 @@ from torch import nn
 import pml_triplets as pt
 from pml_triplets_demo import embed, evaluate, load_digits_split, make_embedder
 from pml_triplets_demo.training import BATCH_SIZE, EPOCHS, HARD_POOL_FACTOR, LR, NEGATIVES, TEMPERATURE, torch_threads
-from pml_triplets_demo.triplets import fewest_other_class, hard_negative_pool, make_triplets
+from pml_triplets_demo.triplets import NegativeMode, fewest_other_class, hard_negative_pool, make_triplets
 
 ARMS = ("mined", "pixel", "random", "in-batch")
 MAP_R, P_AT_1 = "mean_average_precision_at_r", "precision_at_1"
@@ -119,7 +119,7 @@ def train_arm(
             start = time.perf_counter()
             pool = mine_pool(model, x, members, size)
             mining += time.perf_counter() - start
-        mode = "hard" if pool is not None else "random"
+        mode: NegativeMode = "hard" if pool is not None else "random"
         trip = make_triplets(labels, negatives, mode=mode, generator=generator, pool=pool)
         model.train()
         for rows in torch.randperm(len(x), generator=generator).split(batch_size):

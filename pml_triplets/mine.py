@@ -40,7 +40,7 @@ __all__ = ["MinedNegatives", "mine_negatives"]
 
 Sampling = Literal["top", "random"]
 
-_TILE_ELEMENTS = 1 << 22  # scores of one (query tile, corpus tile) block: 16 MB in float32
+_TILE_ELEMENTS = 1 << 24  # scores of one (query tile, corpus tile) block: 64 MB in float32
 _QUERY_TILE = 1024
 _LAST = torch.iinfo(torch.int64).max  # the id of a missing candidate while the window is put in id order
 

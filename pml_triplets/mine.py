@@ -293,12 +293,37 @@ def _bounds(plan: _Plan, qn: torch.Tensor) -> torch.Tensor | None:
     return hi
 
 
+def _buffer(plan: _Plan, qn: torch.Tensor) -> torch.Tensor | None:
+    """One tile's scores, written in place tile after tile where the similarity is a plain product (``None`` else).
+
+    A fresh tile of scores each time costs a quarter of the product itself on the CPU: memory that large comes
+    from the system zeroed, page by page.
+    """
+    d = plan.sim.distance
+    if not plan.sim.linear or (d is not None and not d.is_inverted):
+        return None
+    return qn.new_empty(min(plan.query_chunk, qn.shape[0]) * min(plan.corpus_chunk, plan.corpus.shape[0]))
+
+
 def _scores(
-    plan: _Plan, qn: torch.Tensor, q0: int, q1: int, cn: torch.Tensor, c0: int, hi: torch.Tensor | None
+    plan: _Plan,
+    qn: torch.Tensor,
+    q0: int,
+    q1: int,
+    cn: torch.Tensor,
+    c0: int,
+    hi: torch.Tensor | None,
+    buffer: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The scores of queries ``q0:q1`` × the corpus tile at ``c0`` (qt, ct), ``-inf`` where a filter drops one."""
-    s = plan.sim.block(qn[q0:q1], cn)  # (qt, ct)
+    """The scores of queries ``q0:q1`` × the corpus tile at ``c0`` (qt, ct), ``-inf`` where a filter drops one.
+
+    ``buffer``: from ``_buffer``, holds them (overwritten by the next tile).
+    """
     ct = cn.shape[0]
+    if buffer is None:
+        s = plan.sim.block(qn[q0:q1], cn)  # (qt, ct)
+    else:
+        s = torch.mm(qn[q0:q1], cn.T, out=buffer[: (q1 - q0) * ct].view(q1 - q0, ct))  # (qt, ct)
     if plan.banned.shape[1]:  # amin with +inf leaves a cell as it is: no host sync for the ids outside the tile
         banned = plan.banned[q0:q1] - c0  # (qt, B) columns in this tile
         inside = (banned >= 0) & (banned < ct)
@@ -315,8 +340,9 @@ def _top(plan: _Plan, qn: torch.Tensor, hi: torch.Tensor | None, k: int, bar: An
     """The ``k`` highest-scoring candidates (Q, k): scores descending, equal scores by lower id; ``-inf`` pads."""
     v = qn.new_full((qn.shape[0], k), -math.inf)
     i = torch.full((qn.shape[0], k), -1, dtype=torch.int64, device=qn.device)
+    buffer = _buffer(plan, qn)
     for q0, q1, c0, c1, cn in _tiles(plan, qn, bar):
-        s = _scores(plan, qn, q0, q1, cn, c0, hi)  # (qt, ct)
+        s = _scores(plan, qn, q0, q1, cn, c0, hi, buffer)  # (qt, ct)
         rows = _active(s, v[q0:q1, -1])  # None: every row
         if rows is not None:
             if rows.numel() == 0:
@@ -382,14 +408,15 @@ def _sample(plan: _Plan, qn: torch.Tensor, hi: torch.Tensor | None, bar: Any) ->
     assert plan.draws is not None
     q_total = qn.shape[0]
     n = torch.zeros(q_total, dtype=torch.int64, device=qn.device)
+    buffer = _buffer(plan, qn)
     for q0, q1, c0, _, cn in _tiles(plan, qn, bar):
-        n[q0:q1] += torch.count_nonzero(_scores(plan, qn, q0, q1, cn, c0, hi) > -math.inf, dim=1)
+        n[q0:q1] += torch.count_nonzero(_scores(plan, qn, q0, q1, cn, c0, hi, buffer) > -math.inf, dim=1)
     picks = _subset(plan.draws, n)  # (Q, M)
     v = qn.new_full((q_total, plan.m), -math.inf)
     i = torch.full((q_total, plan.m), -1, dtype=torch.int64, device=qn.device)
     before = torch.zeros(q_total, dtype=torch.int64, device=qn.device)  # members in the earlier corpus tiles
     for q0, q1, c0, _, cn in _tiles(plan, qn, bar):
-        s = _scores(plan, qn, q0, q1, cn, c0, hi)  # (qt, ct)
+        s = _scores(plan, qn, q0, q1, cn, c0, hi, buffer)  # (qt, ct)
         rank = (s > -math.inf).cumsum(1, dtype=torch.int32)  # (qt, ct): members up to each column
         want = picks[q0:q1] - before[q0:q1, None]  # (qt, M) positions within this tile
         here = (picks[q0:q1] >= 0) & (want >= 0) & (want < rank[:, -1:])

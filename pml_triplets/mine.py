@@ -129,7 +129,7 @@ def mine_negatives(
     at those positions, counted in corpus order -- a uniformly random subset, the same whatever the tiles, and the
     same for any ``range_max`` that holds the whole window.
 
-    Memory: the queries normalized, one tile of ``query_chunk × corpus_chunk`` scores (about 4 M by default; 16 MB
+    Memory: the queries normalized, one tile of ``query_chunk × corpus_chunk`` scores (about 16 M by default; 64 MB
     in float32) and a running top-``(range_min + M)`` per query (``range_max`` for ``"random"`` with a
     ``range_max``): ``O(Q·(d + range_min + M) + tile)`` beyond the inputs, never ``O(Q·C)``. Each corpus row is
     normalized once per pass. The inputs stay on their device; float16/bfloat16 inputs are scored in float32; no

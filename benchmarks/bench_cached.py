@@ -43,8 +43,6 @@ their ratios to the full batch's of the same case. Targets, at each case where b
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import gc
 import json
 import math
@@ -60,6 +58,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_loss import (  # the memory probes, one copy
+    malloc_trim,
+    peak_rss_bytes,
+    reset_high_water_mark,
+    rss_bytes,
+    vm_bytes,
+)
 from torch import nn
 
 import pml_triplets as pt
@@ -142,39 +147,6 @@ def check() -> None:
 
 
 # --------------------------------------------------------------------------------------------------- measuring
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def vm_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    """Peak RSS since the last reset (``VmHWM``; ``ru_maxrss`` would keep the parent's high-water mark)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def reset_high_water_mark() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def malloc_trim() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def worker(args: argparse.Namespace) -> None:

@@ -8,8 +8,10 @@ Everything random is drawn from a seeded ``torch.Generator`` in float64 on the C
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any, NamedTuple
 
 import pytest
@@ -220,6 +222,23 @@ def formula(
 # ---------------------------------------------------------------------------------------------------------------
 # Peers
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def load_script(path: Path) -> ModuleType:
+    """A script that is not in a package (``examples/*.py``, ``benchmarks/*.py``), loaded by path as its stem.
+
+    Registered in ``sys.modules`` (dataclasses look their module up), with its folder on ``sys.path`` as when it
+    runs as a script (``benchmarks/bench_mine.py`` imports ``bench_loss``).
+    """
+    if str(path.parent) not in sys.path:
+        sys.path.append(str(path.parent))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def clip_loss_class() -> type[nn.Module]:

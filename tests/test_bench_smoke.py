@@ -7,15 +7,14 @@ to end and write their reports: no timing targets.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 from formula import infonce_loop
+from helpers import load_script
 
 import pml_triplets as pt
 
@@ -25,17 +24,7 @@ GPU_SCRIPT = ROOT / "benchmarks" / "gpu.sh"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_loss", SCRIPT)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_loss", module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _bench()
+bench = load_script(SCRIPT)
 
 
 @pytest.mark.sweep(fast=1)

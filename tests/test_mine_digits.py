@@ -7,15 +7,13 @@ large against the spread measured over ten seeds (docs/mining-study.md).
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import statistics
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
+from helpers import load_script
 
 from pml_triplets_demo import DigitsSplit, load_digits_split, make_embedder
 
@@ -23,18 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "mine_digits.py"
 
 
-def load_example() -> ModuleType:
-    """``examples/mine_digits.py``, loaded by path (examples/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("mine_digits", EXAMPLE)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {EXAMPLE}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-md = load_example()
+md = load_script(EXAMPLE)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: as the command trains (the numbers used it)
 

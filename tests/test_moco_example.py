@@ -7,16 +7,15 @@ default one and is marked slow (a subprocess).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
+from helpers import load_script
 
 import pml_triplets as pt
 from pml_triplets_demo import DigitsSplit, batches, load_digits_split, make_embedder
@@ -27,18 +26,7 @@ EXAMPLE = ROOT / "examples" / "moco_queue.py"
 TINY = {"batch_size": 16, "negatives": 4}  # 16 anchors, 4 mined negatives each
 
 
-def load_example() -> ModuleType:
-    """``examples/moco_queue.py``, loaded by path (examples/ is not a package); registered so dataclasses resolve."""
-    spec = importlib.util.spec_from_file_location("moco_queue", EXAMPLE)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {EXAMPLE}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-mq = load_example()
+mq = load_script(EXAMPLE)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: as the commands train (the numbers used it)

@@ -21,9 +21,10 @@ log-sum-exp; ``chunk_loss`` combines the blocks per ``partition``. The logits ar
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass, fields, replace
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,7 @@ __all__: list[str] = []  # private module
 
 # Which blocks each hardness_mode weighs (anchor-to-positive blocks only).
 _HARDENED = {"own": ("own", "all"), "in_batch": ("in_batch", "all"), "shared": ("all",)}
+_A2P = ("own", "shared", "in_batch")  # the anchor-to-positive blocks
 
 
 @dataclass(frozen=True)
@@ -120,10 +122,16 @@ def chunk_loss(opts: Options, k: int, tau: Temperature, r: Rows, ctx: Context) -
     strength, tau_value = opts.hardness_strength, tau.detach() if isinstance(tau, torch.Tensor) else tau
     limit, g_in_batch = _guides(opts, k, r, ctx, pos, cand, tau_value)
     lses: dict[str, torch.Tensor] = {}  # block -> (C, K) or (C, 1) log-sum-exp of its candidates
+    masses: list[Mass] = []  # the debiased family: the anchor-to-positive blocks' parts of its estimator
     for name, block in _blocks(opts, logits, neg, queries, qp, r, ctx, cand, g_in_batch):
+        if opts.debiased and name in _A2P:  # (only with anchor_to_positive, joint, no hardness, no filter: checked)
+            masses.append(mass_of(block, opts.hcl_beta, fill))
+            continue
         hard = opts.hardness_mode in _HARDENED.get(name, ())
         lses[name] = block_lse(block, limit, strength * tau_value if hard else None, fill)
-    a2p = [lses.pop(name) for name in ("own", "shared", "in_batch") if name in lses]
+    if masses:
+        return debiased_nll(opts, tau_value, pos, masses, fill).reshape(-1)
+    a2p = [lses.pop(name) for name in _A2P if name in lses]
     if opts.partition == "per_direction":  # one softmax per direction, each holding the positive once, averaged
         parts = [_combine(a2p, pos, fill), *([lses[P2A]] if P2A in lses else [])]
         return torch.stack([_nll(pos, lse) for lse in parts]).mean(0).reshape(-1)
@@ -334,6 +342,62 @@ def _combine(lses: list[torch.Tensor], pos: torch.Tensor, fill: float) -> torch.
     if len(lses) == 1:
         return lses[0]
     return torch.logsumexp(torch.stack(torch.broadcast_tensors(*lses), dim=-1), dim=-1)
+
+
+class Mass(NamedTuple):
+    """One anchor-to-positive block's part of the debiased family's estimator (β = ``hcl_beta``)."""
+
+    weighted: torch.Tensor  # (C, 1) log Σ_c e^{(1+β) L_c} over the block's candidates (log Σ_c e^{L_c} at β = 0)
+    weights: torch.Tensor | None  # (C, 1) log Σ_c e^{β L_c}, None at β = 0
+    candidates: torch.Tensor  # (C,) its candidates: columns not excluded (masks, id clashes, the anchor's own row)
+
+
+def mass_of(block: Block, beta: float, fill: float) -> Mass:
+    """The block's ``Mass``: log-sum-exps of its scaled logits (``block_lse``: the same exclusions) and its count."""
+    if beta == 0:
+        return Mass(block_lse(block, None, None, fill), None, _count(block))
+    weighted = block_lse(replace(block, logits=block.logits * (1 + beta)), None, None, fill)  # (fresh tensors:
+    weights = block_lse(replace(block, logits=block.logits * beta), None, None, fill)  # block_lse writes in them)
+    return Mass(weighted, weights, _count(block))
+
+
+def _count(block: Block) -> torch.Tensor:
+    """(C,) the block's candidates per anchor: its columns minus the excluded ones and the anchor's own row."""
+    c, x = block.logits.shape[0], block.logits.shape[-1]
+    if block.own is None:
+        return torch.full((c,), x, device=block.logits.device) if block.excluded is None else (~block.excluded).sum(-1)
+    out = torch.zeros(c, x, dtype=torch.bool, device=block.logits.device).scatter_(1, block.own, True)  # (C, X)
+    return x - (out if block.excluded is None else out | block.excluded).sum(-1)
+
+
+def debiased_nll(opts: Options, tau: Temperature, pos: torch.Tensor, masses: list[Mass], fill: float) -> torch.Tensor:
+    """(C, K) terms of the debiased family; n the anchor's candidates, P = ``pos``, τ⁺ and β the options.
+
+        R = n Σ_c w_c e^{L_c} / Σ_c w_c,  w_c = e^{β L_c}        (Σ_c e^{L_c} at β = 0)
+        G = max((R − n τ⁺ e^P) / (1 − τ⁺), n e^{−1/τ})            (G = R at τ⁺ = 0; a clamped G is a constant)
+        ℓ = log(e^P + G) − P,   or  log G − P  when decoupled;   ℓ = 0 for an anchor without candidates
+
+    In log space: log R = log n + lse((1+β) L) − lse(β L), and the difference as
+    ``log R + log1p(−τ⁺ e^{P + log n − log R}) − log1p(−τ⁺)``, taken only where its argument is < 1 (elsewhere G
+    is the clamp), so that no branch of the selections overflows. ``tau`` is detached (the clamp is a constant).
+    """
+    n = torch.stack([m.candidates for m in masses]).sum(0)[:, None].to(pos.dtype)  # (C, 1)
+    some = n > 0
+    log_n = n.clamp_min(1).log()  # (an anchor without candidates: any finite value, its term is 0)
+    log_r = _combine([m.weighted for m in masses], pos, fill)  # (C, 1)
+    if opts.hcl_beta != 0:
+        log_r = log_n + log_r - _combine([m.weights for m in masses if m.weights is not None], pos, fill)
+    log_g = log_r
+    prior = opts.debias_prior
+    if prior != 0:
+        excess = pos + log_n - log_r  # (C, K) log(n e^P / R): G > 0 exactly where τ⁺ e^excess < 1
+        below = excess < -math.log(prior)
+        safe = torch.where(below, excess, torch.full_like(excess, -math.inf))
+        unclamped = log_r + torch.log1p(-prior * safe.exp()) - math.log1p(-prior)
+        bound = log_n - 1 / tau  # (C, 1) log(n e^{−1/τ})
+        log_g = torch.where(below & (unclamped >= bound), unclamped, bound)
+    terms = log_g - pos if opts.decoupled else _nll(pos, log_g)
+    return torch.where(some, terms, torch.zeros_like(terms))
 
 
 def _nll(pos: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,9 @@ class Options:
     hardness_strength: float = field(default=0.0, metadata=KEEPS_FORMULA)  # (> 0 exactly with a hardness_mode: checked)
     false_negative_margin: float | None = field(default=None, metadata=CHANGES_FORMULA)
     margin_strategy: MarginStrategy = field(default="absolute", metadata=CHANGES_FORMULA)
+    debias_prior: float = field(default=0.0, metadata=CHANGES_FORMULA)
+    hcl_beta: float = field(default=0.0, metadata=CHANGES_FORMULA)
+    decoupled: bool = field(default=False, metadata=CHANGES_FORMULA)
 
     @property
     def dense(self) -> bool:
@@ -101,6 +104,11 @@ class Options:
             if not is_compiling():
                 object.__setattr__(self, "_plain", plain)
         return plain
+
+    @property
+    def debiased(self) -> bool:
+        """Whether the anchor-to-positive negatives' sum is the debiased family's estimator (any of its options)."""
+        return self.debias_prior != 0 or self.hcl_beta != 0 or self.decoupled
 
     def changed(self) -> dict[str, object]:
         """The options that differ from their defaults, by name (a tensor differs unless it is the default)."""
@@ -171,6 +179,13 @@ DOCS = {  # the entry points' docstrings list these (see document)
         when ``guide`` is None); the positive pair is never dropped.""",
     "margin_strategy": """``"absolute"`` as above, or ``"relative"``: ``g(a_i, p_ik) - |g(a_i, p_ik)| * margin``;
         needs ``false_negative_margin``.""",
+    "debias_prior": """τ⁺ in [0, 1), the class prior of Chuang et al.'s debiased estimator (DCL): the negatives' sum
+        becomes ``G = max((Σ_c e^{L_c} − n τ⁺ e^P) / (1 − τ⁺), n e^{−1/τ})``, n the anchor's candidates after
+        exclusions. Needs the cosine similarity (the clamp is n times the least ``e^{L}`` a cosine allows).""",
+    "hcl_beta": """β >= 0, Robinson et al.'s hard-negative weights (HCL): ``Σ_c e^{L_c}`` becomes
+        ``n Σ_c w_c e^{L_c} / Σ_c w_c`` with ``w_c = e^{β L_c}`` (not detached), with or without ``debias_prior``.""",
+    "decoupled": """Yeh et al.'s decoupled loss (DCL): the positive leaves the denominator, ``ℓ = log G − P`` with G
+        the negatives' sum (debiased or weighted as above); an anchor without candidates has ``ℓ = 0``.""",
 }
 NAMES = tuple(f.name for f in fields(Options))
 
@@ -287,6 +302,7 @@ def _check(given: dict[str, object]) -> Options:
         _choice(name, getattr(opts, name))
     opts = replace(opts, chunk_size=None if size is None else int(size), directions=_directions(opts))
     _check_hardness_and_margin(opts)
+    _check_debiased(opts)
     if not opts.plain and not opts.dense:
         who = "no loss_fn" if opts.loss_fn is None else f"loss_fn={type(opts.loss_fn).__name__}"
         names = ", ".join(f"`{name}`" for name, _ in _FORMULA)
@@ -359,3 +375,41 @@ def _check_hardness_and_margin(opts: Options) -> None:
         _real("false_negative_margin", opts.false_negative_margin)
     elif opts.margin_strategy != DEFAULT.margin_strategy:
         raise ValueError(f"`margin_strategy={opts.margin_strategy!r}` does nothing without `false_negative_margin`")
+
+
+def _check_debiased(opts: Options) -> None:
+    """The debiased family: its values, and only where its estimator is defined (A2P, joint, dense, cosine τ⁺)."""
+    prior, beta = _real("debias_prior", opts.debias_prior), _real("hcl_beta", opts.hcl_beta)
+    if not isinstance(opts.decoupled, bool):
+        raise TypeError(f"`decoupled` must be a bool; got {type(opts.decoupled).__name__}")
+    if not 0 <= prior < 1:
+        raise ValueError(f"`debias_prior` (τ⁺, a class prior) must be in [0, 1); got {prior}")
+    if beta < 0:
+        raise ValueError(f"`hcl_beta` must be >= 0; got {beta}")
+    if not opts.debiased:
+        return
+    given = ", ".join(f"{k}={v!r}" for k, v in opts.changed().items() if k in ("debias_prior", "hcl_beta", "decoupled"))
+    if prior > 0 and not opts.similarity.cosine:
+        raise ValueError(
+            f"`debias_prior={prior}` clamps the negatives' sum at n·e^(−1/τ), n times the least e^(s/τ) of a cosine: "
+            "it needs the cosine similarity, and an unbounded similarity has no such bound; got a "
+            f"{type(opts.similarity.distance).__name__} (cosine: no loss_fn, or a CosineSimilarity)"
+        )
+    conflicts = {
+        "directions": opts.directions != DEFAULT.directions,
+        "partition": opts.partition != DEFAULT.partition,
+        "hardness_mode": opts.hardness_mode is not None,
+        "false_negative_margin": opts.false_negative_margin is not None,
+    }
+    clash = [name for name, differs in conflicts.items() if differs]
+    if clash:
+        raise ValueError(
+            f"the debiased family ({given}) is defined on the anchor_to_positive softmax of the plain candidates "
+            f"only; got {', '.join(f'{k}={getattr(opts, k)!r}' for k in clash)}: drop one or the other"
+        )
+    if not opts.dense:
+        who = "no loss_fn" if opts.loss_fn is None else f"loss_fn={type(opts.loss_fn).__name__}"
+        raise ValueError(
+            f"the debiased family ({given}) is not NTXentLoss: the dense engine computes it; got "
+            f"engine={opts.engine!r} with {who} (use engine='auto' or 'dense' with a plain NTXentLoss)"
+        )

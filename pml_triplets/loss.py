@@ -64,6 +64,9 @@ def infonce(  # noqa: D417 (the options' descriptions are filled in from _option
     hardness_strength: float = DEFAULT.hardness_strength,
     false_negative_margin: float | None = DEFAULT.false_negative_margin,
     margin_strategy: MarginStrategy = DEFAULT.margin_strategy,
+    debias_prior: float = DEFAULT.debias_prior,
+    hcl_beta: float = DEFAULT.hcl_beta,
+    decoupled: bool = DEFAULT.decoupled,
 ) -> torch.Tensor:
     """InfoNCE of each anchor against its positive(s) and negatives, with ``NTXentLoss``'s conventions.
 
@@ -170,6 +173,9 @@ class InfoNCE(nn.Module):
         hardness_strength: float = DEFAULT.hardness_strength,
         false_negative_margin: float | None = DEFAULT.false_negative_margin,
         margin_strategy: MarginStrategy = DEFAULT.margin_strategy,
+        debias_prior: float = DEFAULT.debias_prior,
+        hcl_beta: float = DEFAULT.hcl_beta,
+        decoupled: bool = DEFAULT.decoupled,
     ) -> None:
         """Check the configuration once; see the class docstring for the arguments."""
         super().__init__()

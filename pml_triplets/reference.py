@@ -18,7 +18,7 @@ from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
-from pytorch_metric_learning.distances import BaseDistance
+from pytorch_metric_learning.distances import BaseDistance, DotProductSimilarity
 from pytorch_metric_learning.losses import NTXentLoss
 from pytorch_metric_learning.reducers import DoNothingReducer, MeanReducer, PerAnchorReducer
 
@@ -50,6 +50,9 @@ class _Options:
     hardness_strength: float
     margin: float | None
     margin_strategy: str
+    debias_prior: float = 0.0
+    hcl_beta: float = 0.0
+    decoupled: bool = False
 
 
 class _Candidate(NamedTuple):
@@ -105,6 +108,9 @@ def reference_infonce(
     margin_strategy: str = "absolute",
     guide: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
     similarity: SimilarityName | None = None,
+    debias_prior: float = 0.0,
+    hcl_beta: float = 0.0,
+    decoupled: bool = False,
 ) -> torch.Tensor:
     """The loss of ``pml_triplets.infonce``, one anchor and one positive at a time, in float64.
 
@@ -112,6 +118,13 @@ def reference_infonce(
 
         ℓ_ik = log(e^P + Σ_{blocks B} Σ_{c ∈ B} e^{L_c}) − P        (partition="joint")
         ℓ_ik = mean_B log(e^P + Σ_{c ∈ B} e^{L_c}) − P            (partition="per_direction")
+
+    The debiased family replaces the anchor_to_positive sum Σ_c e^{L_c} over its n candidates by
+
+        R = n Σ_c w_c e^{L_c} / Σ_c w_c,  w_c = e^{β L_c}           (hcl_beta = β; R = Σ_c e^{L_c} at β = 0)
+        G = max((R − n τ⁺ e^P) / (1 − τ⁺), n e^{−1/τ})               (debias_prior = τ⁺ > 0; a clamped G is a
+                                                                    constant)
+        ℓ_ik = log(e^P + G) − P,  or  log G − P  (decoupled);  ℓ_ik = 0 when n = 0
 
     * anchor_to_positive: ``L_c = s(a_i, c)/τ (+ hardness_strength * s(a_i, c).detach())`` over anchor i's unmasked
       negatives ("own"), the shared negatives ("shared") and, with ``in_batch``, every other row's positives and
@@ -161,6 +174,10 @@ def reference_infonce(
         guide: ``(anchors [N, g], positives [N, g] or [N, K, g], negatives [N, M, g] or None)``, for the filter.
         similarity: without ``loss_fn``, ``"cosine"`` (the default), ``"dot"`` (raw dot product) or ``"euclidean"``
             (minus the L2 distance of the raw vectors); kept for compatibility, not together with ``loss_fn``.
+        debias_prior: τ⁺ in [0, 1) (Chuang et al.), as above; needs the cosine similarity.
+        hcl_beta: β >= 0 (Robinson et al.), as above.
+        decoupled: the positive out of the denominator (Yeh et al.), as above. The three apply to the
+            anchor_to_positive softmax alone: not with other directions, per_direction, hardness or the filter.
 
     Returns:
         A 0-d tensor (or ``(N*K,)`` for ``DoNothingReducer``) in the inputs' dtype and device, computed in float64
@@ -192,8 +209,11 @@ def reference_infonce(
         hardness_strength=hardness_strength,
         false_negative_margin=false_negative_margin,
         margin_strategy=margin_strategy,
+        debiased=(debias_prior, hcl_beta, decoupled),
     )
     _check_run(chunk_size, engine, gather_across_devices, in_batch)
+    if _debiased(opts) and engine == "pml":
+        raise ValueError("the debiased family is not NTXentLoss: `engine='pml'` cannot compute it")
     shared_negatives, shared_negative_ids, _ = from_queue(
         queue, shared_negatives, shared_negative_ids, positive_ids, anchors, negatives is not None or in_batch,
         static=False,
@@ -280,10 +300,36 @@ def _term(
             scored, g_query = [_logit(opts, p, c, harden=False) for c in block], x.gp[i][k]
         kept = [limit is None or not float(g_query @ c.guide) > limit for c in block]  # the false-negative filter
         logits[direction] = [v for v, keep in zip(scored, kept, strict=True) if keep]
+    if _debiased(opts):  # (anchor_to_positive alone: checked)
+        return _debiased_term(opts, pos, logits[_A2P])
     if opts.partition == "per_direction":  # one softmax per direction, each holding the positive pair once
         return torch.stack([_nll(pos, block) for block in logits.values()]).mean()
     again = [pos] if _P2A in logits else []  # positive_to_anchor's j = i entry: the positive pair a second time
     return _nll(pos, again + [v for block in logits.values() for v in block])
+
+
+def _debiased(opts: _Options) -> bool:
+    return opts.debias_prior != 0 or opts.hcl_beta != 0 or opts.decoupled
+
+
+def _debiased_term(opts: _Options, pos: torch.Tensor, logits: list[torch.Tensor]) -> torch.Tensor:
+    """ℓ_ik of the debiased family from P and the n candidates' logits L_c, one candidate at a time."""
+    n = len(logits)
+    if n == 0:
+        return pos * 0.0
+    shift = max(float(v) for v in [pos, *logits])  # every exponential below is of a value <= 0: e^{-shift} cancels
+    weights = [torch.exp(opts.hcl_beta * (v - shift)) for v in logits]
+    mass = n * torch.stack([w * torch.exp(v - shift) for w, v in zip(weights, logits, strict=True)]).sum()
+    mass = mass / torch.stack(weights).sum()
+    if opts.debias_prior > 0:
+        tau = float(opts.tau)  # the clamp is a constant
+        mass = (mass - n * opts.debias_prior * torch.exp(pos - shift)) / (1 - opts.debias_prior)
+        floor = n * math.exp(-1 / tau - shift)
+        if float(mass) < floor:
+            mass = torch.tensor(floor, dtype=torch.float64)
+    if opts.decoupled:
+        return torch.log(mass) + shift - pos
+    return torch.log(torch.exp(pos - shift) + mass) + shift - pos
 
 
 # ------------------------------------------------------------------------------------------ the candidates
@@ -409,6 +455,7 @@ def _options(
     hardness_strength: object,
     false_negative_margin: object,
     margin_strategy: str,
+    debiased: tuple[object, object, object] = (0.0, 0.0, False),
 ) -> _Options:
     """Check the loss_fn, the temperature, the similarity and the retrieval options."""
     if not isinstance(in_batch, bool):
@@ -424,6 +471,20 @@ def _options(
         raise ValueError(f"`hardness_strength` must be >= 0; got {strength}")
     if margin_strategy not in _MARGIN_STRATEGIES:
         raise ValueError(f"`margin_strategy` must be one of {_MARGIN_STRATEGIES}; got {margin_strategy!r}")
+    prior, beta, decoupled = _real("debias_prior", debiased[0]), _real("hcl_beta", debiased[1]), debiased[2]
+    if not isinstance(decoupled, bool):
+        raise TypeError(f"`decoupled` must be a bool; got {type(decoupled).__name__}")
+    if not 0 <= prior < 1 or beta < 0:
+        raise ValueError(f"`debias_prior` must be in [0, 1) and `hcl_beta` >= 0; got {prior} and {beta}")
+    cosine = isinstance(distance, DotProductSimilarity) and distance.normalize_embeddings and distance.power == 1
+    if prior > 0 and not cosine:
+        raise ValueError(f"`debias_prior={prior}` needs the cosine similarity; got {type(distance).__name__}")
+    alone = directions in ((_A2P,), [_A2P]) and partition == "joint"
+    if (prior or beta or decoupled) and not (alone and hardness_mode is None and false_negative_margin is None):
+        raise ValueError(
+            "the debiased family is defined on the anchor_to_positive softmax alone: not with other directions, "
+            "partition='per_direction', hardness_mode or false_negative_margin"
+        )
     return _Options(
         distance=distance,
         tau=_f64(tau) if isinstance(tau, torch.Tensor) else tau,
@@ -434,6 +495,9 @@ def _options(
         hardness_strength=strength,
         margin=None if false_negative_margin is None else _real("false_negative_margin", false_negative_margin),
         margin_strategy=margin_strategy,
+        debias_prior=prior,
+        hcl_beta=beta,
+        decoupled=decoupled,
     )
 
 

@@ -317,15 +317,15 @@ def _debiased_term(opts: _Options, pos: torch.Tensor, logits: list[torch.Tensor]
     n = len(logits)
     if n == 0:
         return pos * 0.0
-    shift = max(float(v) for v in [pos, *logits])  # every exponential below is of a value <= 0: e^{-shift} cancels
+    shift = max(float(v.detach()) for v in [pos, *logits])  # every exponential below is of a value <= 0
     weights = [torch.exp(opts.hcl_beta * (v - shift)) for v in logits]
     mass = n * torch.stack([w * torch.exp(v - shift) for w, v in zip(weights, logits, strict=True)]).sum()
     mass = mass / torch.stack(weights).sum()
     if opts.debias_prior > 0:
-        tau = float(opts.tau)  # the clamp is a constant
+        tau = float(torch.as_tensor(opts.tau).detach())  # the clamp is a constant
         mass = (mass - n * opts.debias_prior * torch.exp(pos - shift)) / (1 - opts.debias_prior)
         floor = n * math.exp(-1 / tau - shift)
-        if float(mass) < floor:
+        if float(mass.detach()) < floor:
             mass = torch.tensor(floor, dtype=torch.float64)
     if opts.decoupled:
         return torch.log(mass) + shift - pos

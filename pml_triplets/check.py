@@ -1,8 +1,9 @@
 """``python -m pml_triplets check``: ``pml_triplets.infonce`` against the float64 reference formula.
 
 For every available device and dtype, and for each option of the loss (per-anchor negatives, a mask, K positives,
-shared negatives, in-batch negatives with ids, and the retrieval options: all four directions with hardness
-weighting, and the symmetric per-direction loss with a guide's false-negative filter), the value and the gradients
+shared negatives, in-batch negatives with ids, the retrieval options: all four directions with hardness
+weighting, and the symmetric per-direction loss with a guide's false-negative filter; the debiased family), the
+value and the gradients
 with respect to every embedding input are compared with ``pml_triplets.reference_infonce`` and its autograd
 gradients, in float64, evaluated on the *same* inputs: half-precision inputs are rounded first, and the reference
 sees the rounded values. The only error left is then the computation's, and the tolerances below bound it.
@@ -56,6 +57,7 @@ DESCRIPTION = (
 SAFETY = 4.0  # the constant C of the module docstring
 GTE = ("anchor_to_positive", "positive_to_anchor", "anchor_to_anchor", "positive_to_positive")
 RETRIEVAL = ("gte+hardness+shared", "symmetric+guide,K=2")  # cases only the default (dense) engine computes
+DEBIASED = ("debias+hcl,in-batch", "decoupled+hcl+shared")  # the debiased family: dense engine only
 HALF = (torch.float16, torch.bfloat16)
 # Checked on every device: half-precision inputs are computed in float32, so all four run on the CPU too.
 DTYPES = (torch.float64, torch.float32, *HALF)
@@ -112,8 +114,9 @@ class _Case:
         return 1 + m + s + docs + sum(size for name, size in blocks.items() if name in directions)
 
     def logit_bound(self, tau: float) -> float:
-        """The largest |logit|: a cosine over τ, plus the hardness term ``h * s``."""
-        return 1 / tau + cast(float, self.options.get("hardness_strength", 0.0))
+        """The largest |logit|: a cosine over τ, plus the hardness term ``h * s``; (1 + β)/τ with ``hcl_beta`` β."""
+        beta = cast(float, self.options.get("hcl_beta", 0.0))
+        return (1 + beta) / tau + cast(float, self.options.get("hardness_strength", 0.0))
 
 
 def _cases(n: int, m: int, d: int, seed: int) -> list[_Case]:
@@ -132,7 +135,32 @@ def _cases(n: int, m: int, d: int, seed: int) -> list[_Case]:
     pos_ids = 2 * (torch.arange(n)[:, None] // 2) + torch.arange(2)  # (N, 2)
     neg_ids = torch.randint(0, 2 * n, (n, m), generator=gen)
     neg_ids[::3, 0] = pos_ids[::3, 0]
-    return [*_basic_cases(a, p, neg, masked_neg, mask, pos_ids, neg_ids, randn), *_retrieval_cases(a, neg, randn)]
+    # The debiased family. Where n τ⁺ e^P nears Σ e^L above the clamp, its estimator is a difference of nearly equal
+    # numbers (ill-conditioned: float64 itself agrees to ~1e-9 there): τ⁺ only where the data keep it away.
+    debiased = [
+        _Case(
+            DEBIASED[0],
+            {"anchors": a, "positives": randn(n, 2, d), "negatives": masked_neg},
+            {
+                "negatives_mask": mask,
+                "in_batch": True,
+                "positive_ids": pos_ids,
+                "negative_ids": neg_ids,
+                "debias_prior": 0.1,
+                "hcl_beta": 0.5,
+            },
+        ),
+        _Case(
+            DEBIASED[1],
+            {"anchors": a, "positives": p, "negatives": neg, "shared_negatives": randn(m, d)},
+            {"decoupled": True, "hcl_beta": 1.0},
+        ),
+    ]
+    return [
+        *_basic_cases(a, p, neg, masked_neg, mask, pos_ids, neg_ids, randn),
+        *_retrieval_cases(a, neg, randn),
+        *debiased,
+    ]
 
 
 def _basic_cases(
@@ -230,7 +258,7 @@ def _methods(case: _Case, dtype: torch.dtype, tau: float) -> dict[str, Method]:
         )
 
     methods: dict[str, Method] = {"infonce": default}
-    if case.name not in RETRIEVAL:  # engine="pml" computes NTXentLoss's pairs, not the retrieval blocks
+    if case.name not in RETRIEVAL + DEBIASED:  # engine="pml" computes NTXentLoss's pairs, not the dense options
         methods["infonce[pml]"] = pml
     # Plain PML over build_indices covers only [N, d] positives and [N, M, d] negatives, and computes in the
     # inputs' dtype (half precision included, where the bounds above do not hold): float32 and float64 only.

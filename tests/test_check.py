@@ -15,7 +15,8 @@ import torch
 import pml_triplets as pt
 from pml_triplets import check
 
-CASES = {"plain", "mask", "K=3 positives", "shared negatives+ids", "in-batch+ids+mask,K=2", *check.RETRIEVAL}
+CASES = {"plain", "mask", "K=3 positives", "shared negatives+ids", "in-batch+ids+mask,K=2", *check.RETRIEVAL,
+         *check.DEBIASED}  # fmt: skip
 EXPECTED_DTYPES = {"float64", "float32", "float16", "bfloat16"}  # on every device, the CPU included
 # Small sizes: the float64 loop reference dominates the check's time (8.7 s at its defaults N=16, M=8, d=32, 0.9 s
 # here); CI runs `python -m pml_triplets check` at the defaults.

@@ -37,7 +37,8 @@ from pml_triplets import _options
 
 F64 = torch.float64
 TOL = {"rtol": 1e-12, "atol": 1e-12}
-N, K_MAX, M, S, D = 4, 2, 3, 3, 5
+N, M, S, D = 4, 3, 3, 5
+SPREAD = torch.tensor([0.3, 0.8, 1.5, 3.0], dtype=F64)[:, None, None]  # positives near and far: clamped and not
 
 
 def data(seed: int, k: int) -> dict[str, torch.Tensor]:
@@ -48,7 +49,7 @@ def data(seed: int, k: int) -> dict[str, torch.Tensor]:
     mask[:, 0] = True  # every anchor keeps a negative: decoupled is defined for each (no candidate: a test below)
     return {
         "anchors": a,
-        "positives": a[:, None] + 0.7 * torch.randn(N, k, D, generator=g, dtype=F64),
+        "positives": a[:, None] + SPREAD * torch.randn(N, k, D, generator=g, dtype=F64),
         "negatives": torch.randn(N, M, D, generator=g, dtype=F64),
         "shared": torch.randn(S, D, generator=g, dtype=F64),
         "mask": mask,
@@ -101,7 +102,15 @@ def inputs(x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
 
 def check(x: dict[str, torch.Tensor], case: dict[str, Any], chunk_size: int | None, who: str) -> None:
     xs = inputs(x) if case["shared"] else inputs(x)[:3]
-    same(who, grads(library(x, case, chunk_size), *xs), grads(formula(case), *xs))
+    same(who, all_grads(library(x, case, chunk_size), *xs), all_grads(formula(case), *xs))
+
+
+def all_grads(fn: Any, *xs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(loss, gradients) of fn on fresh leaves; zeros for an input the loss does not reach (every G clamped)."""
+    leaves = [x.detach().clone().requires_grad_() for x in xs]
+    loss = fn(*leaves)
+    out = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return loss.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, out, strict=True)]
 
 
 # ------------------------------------------------------------------------ 1. the library against the formula

@@ -185,7 +185,9 @@ DOCS = {  # the entry points' docstrings list these (see document)
     "hcl_beta": """β >= 0, Robinson et al.'s hard-negative weights (HCL): ``Σ_c e^{L_c}`` becomes
         ``n Σ_c w_c e^{L_c} / Σ_c w_c`` with ``w_c = e^{β L_c}`` (not detached), with or without ``debias_prior``.""",
     "decoupled": """Yeh et al.'s decoupled loss (DCL): the positive leaves the denominator, ``ℓ = log G − P`` with G
-        the negatives' sum (debiased or weighted as above); an anchor without candidates has ``ℓ = 0``.""",
+        the negatives' sum (debiased or weighted as above); an anchor without candidates has ``ℓ = 0``. The three
+        options change the anchor_to_positive softmax alone, on the dense engine: not with other ``directions``,
+        ``partition="per_direction"``, ``hardness_mode`` or ``false_negative_margin``.""",
 }
 NAMES = tuple(f.name for f in fields(Options))
 

@@ -114,6 +114,9 @@ CHANGED = {  # a valid call with one option (or one mode and what it needs) away
     "hardness_strength": {"hardness_mode": "own", "hardness_strength": 1.0},
     "false_negative_margin": {"false_negative_margin": 0.1},
     "margin_strategy": {"false_negative_margin": 0.1, "margin_strategy": "relative"},
+    "distillation": {"distillation": "kl"},
+    "teacher_temperature": {"distillation": "kl", "teacher_temperature": 0.5},
+    "infonce_weight": {"distillation": "margin_mse", "infonce_weight": 0.5},
 }
 
 

@@ -275,7 +275,7 @@ def prepare(
         positive_ids=x.positive_ids, negative_ids=x.negative_ids, shared_negative_ids=x.shared_negative_ids,
         in_batch=in_batch,
     )  # fmt: skip
-    _check_teacher(x.teacher_scores, spec, distillation)
+    check_teacher_scores(x.teacher_scores, spec, distillation)
     if hardness_mode == "own" and spec.m == 0:
         raise ValueError("`hardness_mode='own'` weighs each anchor's own negatives, and `negatives` is None")
     work = torch.float32 if spec.dtype in (torch.float16, torch.bfloat16) else spec.dtype
@@ -291,7 +291,7 @@ def prepare(
     return spec, x._replace(**shaped)
 
 
-def _check_teacher(scores: object, spec: Spec, distillation: str | None) -> None:
+def check_teacher_scores(scores: object, spec: Spec, distillation: str | None) -> None:
     """``teacher_scores [N, K + M]``, floating, on the anchors' device: given exactly when ``distillation`` is."""
     if (scores is None) != (distillation is None):
         raise ValueError(

@@ -180,7 +180,9 @@ DOCS = {  # the entry points' docstrings list these (see document)
         candidate negatives: masked ones and id clashes are left out). ``"kl"``: τ_s² times the batch mean over
         anchors of KL(softmax(t/τ_t) ‖ softmax(s/τ)), as sentence-transformers' ``DistillKLDivLoss``;
         ``"margin_mse"``: the mean over every (anchor, positive, negative) of ``((s_p - s_n) - (t_p - t_n))²``,
-        as its ``MarginMSELoss``. The loss is ``infonce_weight * InfoNCE + term``; the dense engine only.""",
+        as its ``MarginMSELoss``; τ_s is the temperature. The loss is ``infonce_weight * InfoNCE + term``, on the
+        dense engine only: each anchor's share of the term joins its K per-pair losses, whose mean is then the loss
+        (a ``DoNothingReducer`` returns them; other reducers are rejected).""",
     "teacher_temperature": """τ_t of ``distillation="kl"`` (``None``: the temperature); needs it.""",
     "infonce_weight": """the InfoNCE part's weight beside the distillation term (>= 0; 0 leaves the term
         alone); needs ``distillation``.""",

@@ -127,6 +127,13 @@ def test_module_equals_function_and_per_pair_losses() -> None:
                       teacher_temperature=0.5, infonce_weight=0.25)  # fmt: skip
     torch.testing.assert_close(got, want, **TOL)
     assert "distillation='kl'" in repr(module)
+    queue = pt.NegativeQueue(4, D, dtype=F64)
+    queue.enqueue(rand(9, 4, D))
+    torch.testing.assert_close(
+        module(a, p, neg, negatives_mask=mask, teacher_scores=t, queue=queue),
+        module(a, p, neg, negatives_mask=mask, teacher_scores=t, shared_negatives=queue.negatives),
+        **TOL,
+    )
     # DoNothingReducer: each pair carries its anchor's share of the term, so their mean is the loss
     for kind in KINDS:
         per_pair = pt.infonce(a, p, neg, negatives_mask=mask, teacher_scores=t, distillation=kind,

@@ -67,8 +67,9 @@ def test_equals_the_formula(kind: str, weight: float, k: int, masked: bool, layo
         t = t.clone()
         t[:, k:][~mask] = float("nan")
     shared = rand(7, 3, D)
-    # (teacher temperature, learnable τ): the default τ_t = τ with a float τ, then another τ_t with a tensor τ
-    for tau_t, learnable in ((None, False), (0.3 if kind == "kl" else None, True)):
+    # (teacher temperature, learnable τ): the default τ_t = τ (a tensor τ's gradient flows through both softmaxes)
+    cases = [(None, False), (None, True)] + ([(0.3, True)] if kind == "kl" else [])
+    for tau_t, learnable in cases:
         leaves = [x.clone().requires_grad_() for x in (a, p, neg, shared)]
         tau = torch.tensor(0.2, dtype=F64, requires_grad=True) if learnable else 0.2
         options: dict[str, Any] = {"in_batch": layout == "in_batch"}

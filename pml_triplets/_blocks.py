@@ -58,6 +58,7 @@ class Rows:
     ga: torch.Tensor | None  # (C, g) guide embeddings, unit rows, for false-negative filtering
     gp: torch.Tensor | None  # (C, K, g)
     gn: torch.Tensor | None  # (C, M, g)
+    teacher_scores: torch.Tensor | None = None  # (C, K + M) the teacher's scores of the own group, for distillation
 
     def split(self, size: int) -> list[Rows]:
         names = [f.name for f in fields(self)]
@@ -80,6 +81,7 @@ class Context:
     g_pool: torch.Tensor | None = None  # (R, g)
     anchors: torch.Tensor | None = None  # (T, d) every row's anchor, for the directions that contrast anchors
     g_anchors: torch.Tensor | None = None  # (T, g)
+    margins: torch.Tensor | None = None  # () margin_mse: the batch's mean candidate negatives per anchor (masks)
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,13 @@ def chunk_loss(opts: Options, k: int, tau: Temperature, r: Rows, ctx: Context) -
     if ctx.pool is not None and k == 1 and opts.plain and ctx.pool_ids is None and ctx.shared is None:
         return _plain_in_batch(logits(sim.block(queries(), ctx.pool)), r, ctx, fill)
     pos, neg = group_logits(opts, tau, r, None if raw else queries)  # (C, K), (C, M)
+    term = None if opts.distillation is None else distilled(opts, tau, pos, neg, r, ctx)  # (C,)
+
+    def total(losses: torch.Tensor) -> torch.Tensor:  # (C*K,): weight × InfoNCE + each anchor's share of the term
+        if term is None:
+            return losses
+        return (opts.infonce_weight * losses.reshape(-1, k) + term[:, None]).reshape(-1)
+
     if neg is not None and ctx.pool is None and ctx.shared is None and r.valid is None and opts.plain:
         return _nll(pos, block_lse(Block(neg, None, None, None), None, None, fill)).reshape(-1)  # the one block
     cand = None if ctx.pool is None else logits(sim.block(queries(), ctx.pool))  # (C, R) the in-batch block's logits
@@ -130,13 +139,57 @@ def chunk_loss(opts: Options, k: int, tau: Temperature, r: Rows, ctx: Context) -
         hard = opts.hardness_mode in _HARDENED.get(name, ())
         lses[name] = block_lse(block, limit, strength * tau_value if hard else None, fill)
     if masses:
-        return debiased_nll(opts, tau_value, pos, masses, fill).reshape(-1)
+        return total(debiased_nll(opts, tau_value, pos, masses, fill).reshape(-1))
     a2p = [lses.pop(name) for name in _A2P if name in lses]
     if opts.partition == "per_direction":  # one softmax per direction, each holding the positive once, averaged
         parts = [_combine(a2p, pos, fill), *([lses[P2A]] if P2A in lses else [])]
-        return torch.stack([_nll(pos, lse) for lse in parts]).mean(0).reshape(-1)
+        return total(torch.stack([_nll(pos, lse) for lse in parts]).mean(0).reshape(-1))
     extra = [pos] if P2A in lses else []  # positive_to_anchor holds the positive pair a second time
-    return _nll(pos, _combine([*a2p, *lses.values(), *extra], pos, fill)).reshape(-1)
+    return total(_nll(pos, _combine([*a2p, *lses.values(), *extra], pos, fill)).reshape(-1))
+
+
+def distilled(
+    opts: Options, tau: Temperature, pos: torch.Tensor, neg: torch.Tensor | None, r: Rows, ctx: Context
+) -> torch.Tensor:
+    """(C,) each anchor's share of the distillation term, from its group's logits ``s/τ`` (``group_logits``).
+
+    The group: the K positives, then the candidate negatives (``r.valid``); ``r.teacher_scores`` (C, K + M) in the
+    same order, constants, read only where ``r.valid`` holds (a masked entry may hold NaN). Each share is added to
+    the anchor's K per-pair losses, so that their mean over the N·K pairs is the term:
+
+        "kl":          share_i = τ_s² Σ_c T_ic (log T_ic − log S_ic)    (mean over anchors: the batchmean KL)
+        "margin_mse":  share_i = Σ_{k,m} ((s_ik − s_im) − (t_ik − t_im))² / (K · V̄)
+
+    with V̄ the batch's mean number of candidate negatives per anchor (``ctx.margins``; M without masks): the term
+    is the mean over every (i, k, m) triple of the batch, which is not the mean of per-anchor means when the
+    anchors' counts differ.
+    """
+    assert r.teacher_scores is not None  # (prepare: given exactly with distillation)
+    t, k = r.teacher_scores.detach(), pos.shape[1]
+    keep = None if r.valid is None else torch.cat([r.valid.new_ones(pos.shape), r.valid], dim=1)  # (C, K + M)
+    if keep is not None:  # a masked entry may hold anything (NaN): zeroed before it meets τ's gradient
+        t = torch.where(keep, t, 0.0)
+    if opts.distillation == "kl":
+        s = pos if neg is None else torch.cat([pos, neg], dim=1)  # (C, K + M) student logits s/τ_s
+        tau_t = tau if opts.teacher_temperature is None else opts.teacher_temperature
+        t = t / tau_t
+        if keep is not None:  # out of both softmaxes
+            fill = torch.finfo(s.dtype).min
+            s, t = s.masked_fill(~keep, fill), t.masked_fill(~keep, fill)
+        log_t = torch.log_softmax(t, dim=1)
+        kl = log_t.exp() * (log_t - torch.log_softmax(s, dim=1))  # T = 0 (masked, or underflowed): counts 0
+        if keep is not None:
+            kl = torch.where(keep, kl, 0.0)
+        return tau * tau * kl.sum(1)
+    if neg is None or neg.shape[1] == 0:
+        return pos.new_zeros(pos.shape[0])
+    # Student margins in raw similarities: the logits' differences times τ (margin_mse has no temperature). The
+    # product saves the fresh difference, not ``neg``, which the own block's log-sum-exp then masks in place.
+    err = (pos[:, :, None] - neg[:, None, :]) * tau - (t[:, :k, None] - t[:, None, k:])  # (C, K, M)
+    if r.valid is not None:
+        err = err * r.valid[:, None, :]
+    margins = neg.shape[1] if ctx.margins is None else ctx.margins
+    return err.square().sum((1, 2)) / (k * margins)
 
 
 def group_logits(

@@ -37,13 +37,15 @@ _BUDGET = {"cpu": 1 << 25, "cuda": 1 << 27}  # elements of the largest per-chunk
 _DEFAULT_LOSS = NTXentLoss()  # engine="pml" without a loss_fn; never modified (see _with_temperature)
 _ROWS, _CONTEXT = tuple(f.name for f in fields(Rows)), tuple(f.name for f in fields(Context))
 _DERIVED = ("anchors", "positives", "negatives", "positive_ids")  # Rows fields the layout computes from Inputs'
-# Per-row inputs that a chunk reads as given: the Rows fields named as a row field of Inputs (none yet).
+# Per-row inputs that a chunk reads as given: the Rows fields named as a row field of Inputs (teacher_scores).
 _PASSED = tuple(name for name in _ROWS if name not in _DERIVED and name in DECLARED and DECLARED[name].axis == "row")
 
 
 def evaluate(opts: Options, inputs: Inputs) -> torch.Tensor:
     """The loss of one call: validated, computed chunk by chunk, reduced; in the inputs' dtype."""
-    spec, x = prepare(inputs, opts.in_batch, opts.false_negative_margin is not None, opts.hardness_mode)
+    spec, x = prepare(
+        inputs, opts.in_batch, opts.false_negative_margin is not None, opts.hardness_mode, opts.distillation
+    )
     tau = x.temperature
     check_reducer(opts, spec.n, spec.k)
     with torch.autocast(spec.device.type, enabled=False) if autocast_enabled(spec.device.type) else _nothing():
@@ -82,7 +84,9 @@ def own_logits(opts: Options, inputs: Inputs) -> tuple[torch.Tensor, torch.Tenso
     """
     if not opts.dense:
         raise ValueError("the logits of the dense engine: `engine='pml'` computes no logits of its own")
-    spec, x = prepare(inputs, opts.in_batch, opts.false_negative_margin is not None, opts.hardness_mode)
+    spec, x = prepare(
+        inputs, opts.in_batch, opts.false_negative_margin is not None, opts.hardness_mode, opts.distillation
+    )
     tau, sim = x.temperature, opts.similarity
     rows, ctx = _layout(opts, spec, x)
     raw = ctx.pool is None and sim.fused  # (as chunk_loss: rows as given, normalized on the fly)
@@ -179,7 +183,8 @@ def _layout(opts: Options, spec: Spec, x: Inputs) -> tuple[Rows, Context]:
     norm = partial(_normalize, opts, spec)
     shared = None if x.shared_negatives is None else norm(x.shared_negatives)
     unused_shared = None if x.shared_mask is None else ~x.shared_mask
-    ctx = Context(shared, _unit(x.shared_negatives) if unit else None, x.shared_negative_ids, unused_shared)
+    ctx = Context(shared, _unit(x.shared_negatives) if unit else None, x.shared_negative_ids, unused_shared,
+                  margins=_margins(opts, spec, valid))  # fmt: skip
     passed = {name: getattr(x, name) for name in _PASSED}  # this rank's rows, as checked
     if not opts.in_batch:  # what the similarity normalizes itself (fused: anchors and their rows) stays as it is
         unused = _unused(x.negatives_mask, pid, nid, False)  # (N, M) whatever they hold reaches no loss
@@ -215,6 +220,18 @@ def _layout(opts: Options, spec: Spec, x: Inputs) -> tuple[Rows, Context]:
     r = Rows(**passed, anchors=own_a, positives=own_p, negatives=own_neg, valid=valid, rows=rows, own=own,
              positive_ids=pid, ga=ga, gp=gp, gn=gn)  # fmt: skip
     return r, ctx
+
+
+def _margins(opts: Options, spec: Spec, valid: torch.Tensor | None) -> torch.Tensor | None:
+    """margin_mse's normalizer when masks differ by row: the batch's mean number of candidate negatives per anchor.
+
+    Its term is a mean over every (i, k, m) triple of the batch, not a mean of per-anchor means: each anchor's pairs
+    carry ``Σ_m (margin error)² / margins``, and the mean over the N·K pairs is then that mean (see ``chunk_loss``).
+    Counted once per call, over this rank's rows; without a mask it is M, a constant (None here).
+    """
+    if opts.distillation != "margin_mse" or valid is None:
+        return None
+    return valid.sum().clamp(min=1).to(torch.float32 if spec.dtype != torch.float64 else spec.dtype) / spec.n
 
 
 def _normalize(opts: Options, spec: Spec, x: torch.Tensor, fused: bool = False) -> torch.Tensor:

@@ -72,6 +72,7 @@ class Inputs(NamedTuple):
     shared_negatives: Annotated[torch.Tensor | None, Declared("shared", cast="work")] = None  # (S, d)
     shared_negative_ids: Annotated[torch.Tensor | None, _SHARED] = None  # (S,)
     shared_mask: Annotated[torch.Tensor | None, _SHARED] = None  # (S,) True: a queue's filled slot
+    teacher_scores: Annotated[torch.Tensor | None, Declared("row", cast="work")] = None  # (N, K + M), own group
 
 
 def _declared() -> dict[str, Declared]:

@@ -34,6 +34,7 @@ Direction = Literal["anchor_to_positive", "positive_to_anchor", "anchor_to_ancho
 Partition = Literal["joint", "per_direction"]
 HardnessMode = Literal["in_batch", "own", "all"] | None
 MarginStrategy = Literal["absolute", "relative"]
+Distillation = Literal["kl", "margin_mse"] | None
 Reduction = Literal["mean", "none", "pml"]
 A2P, P2A, A2A, P2P = typing.get_args(Direction)
 DEFAULT_TEMPERATURE = 0.07
@@ -65,6 +66,9 @@ class Options:
     debias_prior: float = field(default=0.0, metadata=CHANGES_FORMULA)
     hcl_beta: float = field(default=0.0, metadata=CHANGES_FORMULA)
     decoupled: bool = field(default=False, metadata=CHANGES_FORMULA)
+    distillation: Distillation = field(default=None, metadata=CHANGES_FORMULA)
+    teacher_temperature: float | None = field(default=None, metadata=KEEPS_FORMULA)  # (only with a distillation)
+    infonce_weight: float = field(default=1.0, metadata=CHANGES_FORMULA)
 
     @property
     def dense(self) -> bool:
@@ -188,6 +192,17 @@ DOCS = {  # the entry points' docstrings list these (see document)
         the negatives' sum (debiased or weighted as above); an anchor without candidates has ``ℓ = 0``. The three
         options change the anchor_to_positive softmax alone, on the dense engine: not with other ``directions``,
         ``partition="per_direction"``, ``hardness_mode`` or ``false_negative_margin``.""",
+    "distillation": """add a term that distils ``teacher_scores`` (``[N, K + M]``: the teacher's score of each
+        anchor with its positives, then its negatives) over each anchor's own group (its positives and its
+        candidate negatives: masked ones and id clashes are left out). ``"kl"``: τ_s² times the batch mean over
+        anchors of KL(softmax(t/τ_t) ‖ softmax(s/τ)), as sentence-transformers' ``DistillKLDivLoss``;
+        ``"margin_mse"``: the mean over every (anchor, positive, negative) of ``((s_p - s_n) - (t_p - t_n))²``,
+        as its ``MarginMSELoss``; τ_s is the temperature. The loss is ``infonce_weight * InfoNCE + term``, on the
+        dense engine only: each anchor's share of the term joins its K per-pair losses, whose mean is then the loss
+        (a ``DoNothingReducer`` returns them; other reducers are rejected).""",
+    "teacher_temperature": """τ_t of ``distillation="kl"`` (``None``: the temperature); needs it.""",
+    "infonce_weight": """the InfoNCE part's weight beside the distillation term (>= 0; 0 leaves the term
+        alone); needs ``distillation``.""",
 }
 NAMES = tuple(f.name for f in fields(Options))
 
@@ -232,7 +247,7 @@ def _allowed(hint: object) -> tuple[object, ...]:
 
 CHOICES = {
     name: _allowed(typing.get_type_hints(Options)[name])
-    for name in ("engine", "partition", "hardness_mode", "margin_strategy")
+    for name in ("engine", "partition", "hardness_mode", "margin_strategy", "distillation")
 }
 
 
@@ -305,11 +320,32 @@ def _check(given: dict[str, object]) -> Options:
     opts = replace(opts, chunk_size=None if size is None else int(size), directions=_directions(opts))
     _check_hardness_and_margin(opts)
     _check_debiased(opts)
+    _check_distillation(opts)
     if not opts.plain and not opts.dense:
         who = "no loss_fn" if opts.loss_fn is None else f"loss_fn={type(opts.loss_fn).__name__}"
         names = ", ".join(f"`{name}`" for name, _ in _FORMULA)
         raise ValueError(f"{names} are computed by the dense engine only; got engine={opts.engine!r} with {who}")
     return opts
+
+
+def _check_distillation(opts: Options) -> None:
+    weight, tau_t = _real("infonce_weight", opts.infonce_weight), opts.teacher_temperature
+    if weight < 0:
+        raise ValueError(f"`infonce_weight` must be >= 0; got {weight}")
+    if tau_t is not None and _real("teacher_temperature", tau_t) <= 0:
+        raise ValueError(f"`teacher_temperature` must be positive; got {tau_t}")
+    if opts.distillation is None:
+        for name, value in (("infonce_weight", weight), ("teacher_temperature", tau_t)):
+            if value != getattr(DEFAULT, name):
+                raise ValueError(f"`{name}={value!r}` does nothing without `distillation`: pass 'kl' or 'margin_mse'")
+    elif opts.reduction == "pml":  # a reducer that weighs or drops pairs would weigh the term's shares with them
+        raise ValueError(
+            "`distillation` adds each anchor's share of its term to its per-pair losses: it takes the mean "
+            "(MeanReducer) or the per-pair losses (DoNothingReducer); got a loss_fn with "
+            f"{type(opts.loss_fn.reducer).__name__ if opts.loss_fn else None} / an embedding_regularizer"
+        )
+    elif tau_t is not None and opts.distillation != "kl":
+        raise ValueError(f"`teacher_temperature` is the KL's τ_t; `distillation={opts.distillation!r}` has none")
 
 
 def _check_loss_fn(loss_fn: object, opts: Options) -> None:

@@ -266,13 +266,16 @@ def _same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"`{name}` is on {t.device} but `anchors` is on {device}; move them to one device")
 
 
-def prepare(x: Inputs, in_batch: bool, filtering: bool, hardness_mode: str | None) -> tuple[Spec, Inputs]:
+def prepare(
+    x: Inputs, in_batch: bool, filtering: bool, hardness_mode: str | None, distillation: str | None = None
+) -> tuple[Spec, Inputs]:
     """Validate the call's inputs ``x`` (one check per field), then bring them into the engine's form."""
     spec = check_inputs(
         x.anchors, x.positives, x.negatives, negatives_mask=x.negatives_mask, shared_negatives=x.shared_negatives,
         positive_ids=x.positive_ids, negative_ids=x.negative_ids, shared_negative_ids=x.shared_negative_ids,
         in_batch=in_batch,
     )  # fmt: skip
+    check_teacher_scores(x.teacher_scores, spec, distillation)
     if hardness_mode == "own" and spec.m == 0:
         raise ValueError("`hardness_mode='own'` weighs each anchor's own negatives, and `negatives` is None")
     work = torch.float32 if spec.dtype in (torch.float16, torch.bfloat16) else spec.dtype
@@ -286,6 +289,25 @@ def prepare(x: Inputs, in_batch: bool, filtering: bool, hardness_mode: str | Non
         if isinstance(value, torch.Tensor):
             shaped[name] = as_dtype(value, work)
     return spec, x._replace(**shaped)
+
+
+def check_teacher_scores(scores: object, spec: Spec, distillation: str | None) -> None:
+    """``teacher_scores [N, K + M]``, floating, on the anchors' device: given exactly when ``distillation`` is."""
+    if (scores is None) != (distillation is None):
+        raise ValueError(
+            "`teacher_scores` [N, K + M] must be given exactly when `distillation` is; got "
+            f"teacher_scores={'None' if scores is None else 'a tensor'} and distillation={distillation!r}"
+        )
+    if scores is None:
+        return
+    t = _tensor("teacher_scores", scores)
+    _floating("teacher_scores", t)
+    if t.ndim != 2 or tuple(t.shape) != (spec.n, spec.k + spec.m):
+        raise ValueError(
+            f"`teacher_scores` must be [N, K + M] = [{spec.n}, {spec.k} + {spec.m}] (N anchors, K positives, "
+            f"M negatives each, in that order); got {_shape(t)}"
+        )
+    _same_device("teacher_scores", t, spec.device)
 
 
 def _check_guide(

@@ -174,6 +174,7 @@ def _basic_cases(
     randn: Callable[..., torch.Tensor],
 ) -> list[_Case]:
     n, m, d = neg.shape
+    scores = torch.cat([randn(n, 1), randn(n, m).masked_fill(~mask, math.nan)], dim=1)  # (N, 1 + M)
     return [
         _Case("plain", {"anchors": a, "positives": p, "negatives": neg}),
         _Case("mask", {"anchors": a, "positives": p, "negatives": masked_neg}, {"negatives_mask": mask}),
@@ -187,6 +188,14 @@ def _basic_cases(
             "in-batch+ids+mask,K=2",
             {"anchors": a, "positives": randn(n, 2, d), "negatives": masked_neg},
             {"negatives_mask": mask, "in_batch": True, "positive_ids": pos_ids, "negative_ids": neg_ids},
+        ),
+        *(
+            _Case(  # the teacher's scores of the masked slots are NaN: never read
+                f"distill {kind}+mask",
+                {"anchors": a, "positives": p, "negatives": masked_neg},
+                {"negatives_mask": mask, "teacher_scores": teacher, "distillation": kind, "infonce_weight": 0.5},
+            )
+            for kind, teacher in (("kl", 10 * scores), ("margin_mse", scores))
         ),
     ]
 
@@ -258,7 +267,8 @@ def _methods(case: _Case, dtype: torch.dtype, tau: float) -> dict[str, Method]:
         )
 
     methods: dict[str, Method] = {"infonce": default}
-    if case.name not in RETRIEVAL + DEBIASED:  # engine="pml" computes NTXentLoss's pairs, not the dense options
+    # engine="pml" computes NTXentLoss's pairs, not the dense options
+    if case.name not in RETRIEVAL + DEBIASED and "distillation" not in case.options:
         methods["infonce[pml]"] = pml
     # Plain PML over build_indices covers only [N, d] positives and [N, M, d] negatives, and computes in the
     # inputs' dtype (half precision included, where the bounds above do not hold): float32 and float64 only.

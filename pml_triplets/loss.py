@@ -22,6 +22,7 @@ from ._options import (
     DEFAULT_TEMPERATURE,
     NAMES,
     Direction,
+    Distillation,
     Engine,
     HardnessMode,
     MarginStrategy,
@@ -52,6 +53,7 @@ def infonce(  # noqa: D417 (the options' descriptions are filled in from _option
     shared_negative_ids: torch.Tensor | None = None,
     queue: NegativeQueue | None = None,
     guide: Guide | None = None,
+    teacher_scores: torch.Tensor | None = None,
     temperature: Temperature | None = DEFAULT.temperature,
     loss_fn: NTXentLoss | None = DEFAULT.loss_fn,
     in_batch: bool = DEFAULT.in_batch,
@@ -67,6 +69,9 @@ def infonce(  # noqa: D417 (the options' descriptions are filled in from _option
     debias_prior: float = DEFAULT.debias_prior,
     hcl_beta: float = DEFAULT.hcl_beta,
     decoupled: bool = DEFAULT.decoupled,
+    distillation: Distillation = DEFAULT.distillation,
+    teacher_temperature: float | None = DEFAULT.teacher_temperature,
+    infonce_weight: float = DEFAULT.infonce_weight,
 ) -> torch.Tensor:
     """InfoNCE of each anchor against its positive(s) and negatives, with ``NTXentLoss``'s conventions.
 
@@ -105,6 +110,8 @@ def infonce(  # noqa: D417 (the options' descriptions are filled in from _option
             together with them.
         guide: ``(anchors [N, g], positives [N, g] or [N, K, g], negatives [N, M, g] or None)`` embeddings of a
             guide model (any width g; no gradient flows into them), for ``false_negative_margin``.
+        teacher_scores: ``[N, K + M]`` a teacher's scores of each anchor with its K positives, then its M
+            negatives (constants: no gradient flows into them), for ``distillation``.
         {options}
 
     Returns:
@@ -131,7 +138,8 @@ def infonce(  # noqa: D417 (the options' descriptions are filled in from _option
     opts = make_options(**_options(locals()))
     inputs = Inputs(anchors=anchors, positives=positives, negatives=negatives, negatives_mask=negatives_mask,
                     shared_negatives=shared_negatives, positive_ids=positive_ids, negative_ids=negative_ids,
-                    shared_negative_ids=shared_negative_ids, guide=guide, temperature=temperature_of(opts))  # fmt: skip
+                    shared_negative_ids=shared_negative_ids, guide=guide, teacher_scores=teacher_scores,
+                    temperature=temperature_of(opts))  # fmt: skip
     return evaluate(opts, inputs if queue is None else with_queue(queue, inputs, in_batch))
 
 
@@ -176,6 +184,9 @@ class InfoNCE(nn.Module):
         debias_prior: float = DEFAULT.debias_prior,
         hcl_beta: float = DEFAULT.hcl_beta,
         decoupled: bool = DEFAULT.decoupled,
+        distillation: Distillation = DEFAULT.distillation,
+        teacher_temperature: float | None = DEFAULT.teacher_temperature,
+        infonce_weight: float = DEFAULT.infonce_weight,
     ) -> None:
         """Check the configuration once; see the class docstring for the arguments."""
         super().__init__()
@@ -219,18 +230,21 @@ class InfoNCE(nn.Module):
         shared_negative_ids: torch.Tensor | None = None,
         queue: NegativeQueue | None = None,
         guide: Guide | None = None,
+        teacher_scores: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The loss for one batch: the data arguments of ``infonce``, with the same shapes and meaning.
 
         ``anchors [N, d]``, ``positives [N, d]`` or ``[N, K, d]``, ``negatives [N, M, d]`` or ``None``,
         ``negatives_mask [N, M]``, ``shared_negatives [S, d]``, ``positive_ids [N]`` or ``[N, K]``,
         ``negative_ids [N, M]``, ``shared_negative_ids [S]``, ``queue`` (a ``NegativeQueue``),
-        ``guide`` (the guide model's embeddings of the three). Returns the 0-d loss (``(N*K,)`` per-pair losses
+        ``guide`` (the guide model's embeddings of the three), ``teacher_scores [N, K + M]`` (with
+        ``distillation``). Returns the 0-d loss (``(N*K,)`` per-pair losses
         with a ``DoNothingReducer``).
         """
         inputs = Inputs(anchors=anchors, positives=positives, negatives=negatives, negatives_mask=negatives_mask,
                         shared_negatives=shared_negatives, positive_ids=positive_ids, negative_ids=negative_ids,
-                        shared_negative_ids=shared_negative_ids, guide=guide, temperature=self.temperature)  # fmt: skip
+                        shared_negative_ids=shared_negative_ids, guide=guide, teacher_scores=teacher_scores,
+                        temperature=self.temperature)  # fmt: skip
         return evaluate(self.options, inputs if queue is None else with_queue(queue, inputs, self.options.in_batch))
 
     def extra_repr(self) -> str:

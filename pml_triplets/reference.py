@@ -24,7 +24,7 @@ from pytorch_metric_learning.reducers import DoNothingReducer, MeanReducer, PerA
 
 from ._options import DEFAULT_TEMPERATURE, plain_ntxent
 from ._similarity import NAMED, SimilarityName
-from ._validation import check_inputs, check_temperature
+from ._validation import check_inputs, check_teacher_scores, check_temperature
 from .queue import NegativeQueue, from_queue
 
 __all__ = ["reference_infonce"]
@@ -111,6 +111,10 @@ def reference_infonce(
     debias_prior: float = 0.0,
     hcl_beta: float = 0.0,
     decoupled: bool = False,
+    teacher_scores: torch.Tensor | None = None,
+    distillation: str | None = None,
+    teacher_temperature: float | None = None,
+    infonce_weight: float = 1.0,
 ) -> torch.Tensor:
     """The loss of ``pml_triplets.infonce``, one anchor and one positive at a time, in float64.
 
@@ -138,6 +142,16 @@ def reference_infonce(
     blocks) is dropped when ``g(x, c) > g(a_i, p_ik) - margin`` ("absolute") or ``> g(a_i, p_ik) - |g(a_i, p_ik)| *
     margin`` ("relative"), g the cosine of the guide's vectors (of the detached embeddings without a guide). The
     loss is the mean of the N*K terms, or what ``loss_fn``'s reducer makes of them (see below).
+
+    With ``distillation`` each term becomes ``infonce_weight * ℓ_ik + D_i``, anchor i's share of the term over its
+    group G_i (its K positives, then its unmasked negatives without a positive's id, in the order given; t_ic the
+    teacher's score of c, s_ic = s(a_i, c)):
+
+        "kl":          D_i = τ² Σ_{c ∈ G_i} T_ic (log T_ic − log S_ic),  S = softmax(s/τ), T = softmax(t/τ_t) over G_i
+        "margin_mse":  D_i = Σ_{k, m} ((s_ik − s_im) − (t_ik − t_im))² · N / (K · V)
+
+    (V: the batch's count of such negatives), so that the mean over the N·K terms is the batchmean KL, or the mean
+    over every (i, k, m) margin.
 
     Args:
         anchors: ``[N, d]``.
@@ -178,6 +192,11 @@ def reference_infonce(
         hcl_beta: β >= 0 (Robinson et al.), as above.
         decoupled: the positive out of the denominator (Yeh et al.), as above. The three apply to the
             anchor_to_positive softmax alone: not with other directions, per_direction, hardness or the filter.
+        teacher_scores: ``[N, K + M]``, the teacher's scores of each anchor's positives then negatives (constants);
+            exactly with ``distillation``.
+        distillation: ``None``, ``"kl"`` or ``"margin_mse"``.
+        teacher_temperature: τ_t of ``"kl"`` (``None``: τ).
+        infonce_weight: >= 0, the InfoNCE terms' weight; needs ``distillation``.
 
     Returns:
         A 0-d tensor (or ``(N*K,)`` for ``DoNothingReducer``) in the inputs' dtype and device, computed in float64
@@ -231,9 +250,15 @@ def reference_infonce(
     )
     _check_guide(guide, opts.margin, anchors, positives, negatives, shared_negatives)
     _check_reducer(loss_fn, spec.k)
+    weight = _check_distillation(distillation, teacher_temperature, infonce_weight, loss_fn)
+    check_teacher_scores(teacher_scores, spec, distillation)
     x = _data(anchors, positives, negatives, negatives_mask, shared_negatives, positive_ids, negative_ids,
               shared_negative_ids, guide)  # fmt: skip
-    return _reduce(loss_fn, _losses(x, opts), _f64(anchors), spec.k).to(device=spec.device, dtype=spec.dtype)
+    losses = _losses(x, opts)
+    if distillation is not None and teacher_scores is not None:
+        shares = _distilled(x, opts, _f64(teacher_scores).detach().tolist(), distillation, teacher_temperature)
+        losses = weight * losses + shares.repeat_interleave(spec.k)
+    return _reduce(loss_fn, losses, _f64(anchors), spec.k).to(device=spec.device, dtype=spec.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- the formula
@@ -330,6 +355,42 @@ def _debiased_term(opts: _Options, pos: torch.Tensor, logits: list[torch.Tensor]
     if opts.decoupled:
         return torch.log(mass) + shift - pos
     return torch.log(torch.exp(pos - shift) + mass) + shift - pos
+
+
+def _distilled(
+    x: _Data, opts: _Options, t: list[list[float]], distillation: str, teacher_temperature: float | None
+) -> torch.Tensor:
+    """(N,) each anchor's share D_i of the distillation term (see ``reference_infonce``)."""
+    n, k = len(x.p), len(x.p[0])
+    tau = opts.tau
+    tau_t = tau if teacher_temperature is None else teacher_temperature
+    clash = [set() if x.pid is None else {v for v in x.pid[i] if v >= 0} for i in range(n)]
+    # group[i]: (student similarity, teacher score) of the positives, then of the candidate negatives
+    groups = []
+    for i in range(n):
+        group = [(_s(opts.distance, x.a[i], x.p[i][kk]), t[i][kk]) for kk in range(k)]
+        for m in range(len(x.neg[i])):
+            if x.keep[i][m] and (x.nid is None or x.nid[i][m] not in clash[i]):
+                group.append((_s(opts.distance, x.a[i], x.neg[i][m]), t[i][k + m]))
+        groups.append(group)
+    shares = []
+    if distillation == "kl":
+        for group in groups:
+            log_s = torch.log_softmax(torch.stack([s / tau for s, _ in group]), dim=0)
+            log_t = torch.log_softmax(torch.stack([torch.as_tensor(v, dtype=torch.float64) / tau_t for _, v in group]),
+                                      dim=0)  # fmt: skip
+            kl = sum((log_t[c].exp() * (log_t[c] - log_s[c]) for c in range(len(group)) if log_t[c].exp() > 0),
+                     torch.zeros((), dtype=torch.float64))  # fmt: skip
+            shares.append(tau * tau * kl)
+        return torch.stack(shares)
+    count = sum(k * (len(group) - k) for group in groups)
+    for group in groups:
+        total = torch.zeros((), dtype=torch.float64)
+        for s_p, t_p in group[:k]:
+            for s_n, t_n in group[k:]:
+                total = total + ((s_p - s_n) - (t_p - t_n)) ** 2
+        shares.append(total * n / max(count, 1))
+    return torch.stack(shares)
 
 
 # ------------------------------------------------------------------------------------------ the candidates
@@ -591,6 +652,28 @@ def _check_guide(
             raise ValueError(
                 f"`guide[{part}]` must be {[*x.shape[:-1], 'g']} (the data's sizes, one width g); got {tuple(g.shape)}"
             )
+
+
+def _check_distillation(
+    distillation: object, teacher_temperature: object, infonce_weight: object, loss_fn: NTXentLoss | None
+) -> float:
+    """The InfoNCE terms' weight, the distillation options checked."""
+    weight = _real("infonce_weight", infonce_weight)
+    if weight < 0:
+        raise ValueError(f"`infonce_weight` must be >= 0; got {weight}")
+    if distillation not in (None, "kl", "margin_mse"):
+        raise ValueError(f"`distillation` must be one of (None, 'kl', 'margin_mse'); got {distillation!r}")
+    if teacher_temperature is not None and not _real("teacher_temperature", teacher_temperature) > 0:
+        raise ValueError(f"`teacher_temperature` must be positive; got {teacher_temperature}")
+    if distillation is None and (weight != 1.0 or teacher_temperature is not None):
+        raise ValueError("`infonce_weight` and `teacher_temperature` do nothing without `distillation`")
+    if teacher_temperature is not None and distillation != "kl":
+        raise ValueError(f"`teacher_temperature` is the KL's τ_t; `distillation={distillation!r}` has none")
+    reducer = None if loss_fn is None else loss_fn.reducer
+    plain = reducer is None or (type(reducer) is MeanReducer and loss_fn.embedding_regularizer is None)  # type: ignore[union-attr]
+    if distillation is not None and not plain and not isinstance(reducer, DoNothingReducer):
+        raise ValueError("`distillation` takes the mean (MeanReducer) or the per-pair losses (DoNothingReducer)")
+    return weight
 
 
 def _check_reducer(loss_fn: NTXentLoss | None, k: int) -> None:

@@ -117,6 +117,9 @@ CHANGED = {  # a valid call with one option (or one mode and what it needs) away
     "debias_prior": {"debias_prior": 0.1},
     "hcl_beta": {"hcl_beta": 0.5},
     "decoupled": {"decoupled": True},
+    "distillation": {"distillation": "kl"},
+    "teacher_temperature": {"distillation": "kl", "teacher_temperature": 0.5},
+    "infonce_weight": {"distillation": "margin_mse", "infonce_weight": 0.5},
 }
 
 

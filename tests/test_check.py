@@ -16,7 +16,7 @@ import pml_triplets as pt
 from pml_triplets import check
 
 CASES = {"plain", "mask", "K=3 positives", "shared negatives+ids", "in-batch+ids+mask,K=2", *check.RETRIEVAL,
-         *check.DEBIASED}  # fmt: skip
+         *check.DEBIASED, "distill kl+mask", "distill margin_mse+mask"}  # fmt: skip
 EXPECTED_DTYPES = {"float64", "float32", "float16", "bfloat16"}  # on every device, the CPU included
 # Small sizes: the float64 loop reference dominates the check's time (8.7 s at its defaults N=16, M=8, d=32, 0.9 s
 # here); CI runs `python -m pml_triplets check` at the defaults.
@@ -50,6 +50,7 @@ def test_clean_check_passes_every_row(clean_rows: list[check.Row]) -> None:
         assert {r.case for r in rows} == CASES, (device, dtype)
         assert {r.method for r in rows if r.case == "in-batch+ids+mask,K=2"} == {"infonce", "infonce[pml]"}
         assert {r.method for r in rows if r.case in check.RETRIEVAL} == {"infonce"}  # the dense engine's options
+        assert {r.method for r in rows if r.case.startswith("distill")} == {"infonce"}
         recipe = {r.method for r in rows} >= {"NTXentLoss+build_indices"}
         assert recipe == (dtype in ("float32", "float64")), (device, dtype)
 

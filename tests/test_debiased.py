@@ -145,7 +145,7 @@ def _case_id(prior: float, beta: float, decoupled: bool, k: int, layout: tuple[b
     return f"prior{prior}-beta{beta}-{coupling}-K{k}-{'-'.join(parts)}-chunk{chunk or 'all'}"
 
 
-@pytest.mark.sweep(fast=24)
+@pytest.mark.sweep(fast=12)
 @pytest.mark.parametrize(
     ("prior", "beta", "decoupled", "k", "layout", "chunk_size"),
     [pytest.param(*case, id=_case_id(*case)) for case in covering(FACTORS)],
@@ -177,6 +177,7 @@ def test_the_clamp_binds_and_is_a_constant() -> None:
         check({"anchors": a, "positives": p, "negatives": n}, case, None, f"clamp, decoupled={decoupled}")
 
 
+@pytest.mark.slow
 def test_reference_equals_the_formula() -> None:
     x = data(8, 2)
     for prior, beta, decoupled, in_batch in itertools.product([0.0, 0.3], [0.0, 1.0], [False, True], [False, True]):

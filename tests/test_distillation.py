@@ -51,10 +51,11 @@ def assert_same(got: list[torch.Tensor], want: list[torch.Tensor], who: str) -> 
         torch.testing.assert_close(x, y, **TOL, msg=lambda s, name=name: f"[{who}] {name}: {s}")
 
 
-# The whole grid is slow (about 0.5 s a case, the loops); the fast run keeps the ragged-mask, K = 2, weight 0.5 row.
+# The whole grid is slow (about 0.5 s a case, the loops); the fast run keeps the ragged-mask, K = 2, weight 0.5,
+# shared-negatives cases.
 GRID = [
     pytest.param(kind, weight, k, masked, layout,
-                 marks=() if (masked, k, weight) == (True, 2, 0.5) else pytest.mark.slow)
+                 marks=() if (masked, k, weight, layout) == (True, 2, 0.5, "shared") else pytest.mark.slow)
     for kind in KINDS for weight in (0.0, 0.5, 1.0) for k in (1, 2) for masked in (False, True)
     for layout in ("own", "in_batch", "shared")
 ]  # fmt: skip

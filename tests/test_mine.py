@@ -131,6 +131,7 @@ TILES = [
 ]
 
 
+@pytest.mark.sweep(fast=12)
 @pytest.mark.parametrize("options", FILTERS)
 @pytest.mark.parametrize(("query_chunk", "corpus_chunk"), TILES)
 def test_top_equals_the_reference(options: dict[str, Any], query_chunk: int | None, corpus_chunk: int | None) -> None:
@@ -249,6 +250,7 @@ def test_ties_go_to_the_lower_corpus_id(corpus_chunk: int) -> None:
     assert mined.ids.tolist() == [[1, 4, 6, 7, 9, 0, 3]]
 
 
+@pytest.mark.sweep(fast=1)
 @pytest.mark.parametrize("corpus_chunk", [1, 3, 64])
 def test_random_skips_the_first_of_equal_scores_by_id(corpus_chunk: int) -> None:
     corpus = torch.eye(8)[[1, 0, 0, 2, 0, 3, 0, 0, 4, 0]]
@@ -298,6 +300,7 @@ def test_random_draws_distinct_members_of_the_window_hardest_first(options: dict
                 assert s == pytest.approx(members[j], abs=1e-6)
 
 
+@pytest.mark.sweep(fast=1)
 @pytest.mark.parametrize("options", RANDOM[:4])
 def test_random_reaches_every_member_of_the_window(options: dict[str, Any]) -> None:
     """A member is drawn with probability M/W >= 4/48 per draw: never in 200 draws has probability < 1e-7."""

@@ -42,6 +42,7 @@ def test_class_members_lists_exactly_each_class(split: DigitsSplit) -> None:
         assert bool((got[len(want) :] == -1).all())  # padding after the class-mates
 
 
+@pytest.mark.slow
 def test_mined_pool_is_the_nearest_other_class_images(split: DigitsSplit) -> None:
     # The untrained MLP's embeddings, float64 cosine, one anchor at a time: the `size` nearest images of another
     # class, nearest first. float32 scores may order a near-tie (cosines within 1e-6) either way: the pool's

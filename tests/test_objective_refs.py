@@ -363,6 +363,7 @@ def unclamped_below_bound(x1: torch.Tensor, x2: torch.Tensor, tau_plus: float, b
 HCL_CASES = [(0.1, 1.0, 0.6), (0.0, 1.0, 0.6), (0.1, 0.0, 0.6), (0.0, 0.0, 0.6), (0.5, 0.5, 0.15), (0.3, 2.0, 1.0)]
 
 
+@pytest.mark.sweep(fast=4)
 @pytest.mark.parametrize("layout", ["negatives", "in_batch"])
 @pytest.mark.parametrize(("tau_plus", "beta", "spread"), HCL_CASES)
 def test_hcl_conventions(tau_plus: float, beta: float, spread: float, layout: str) -> None:
